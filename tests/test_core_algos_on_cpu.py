@@ -1,0 +1,336 @@
+"""Hand-computed checks of every CalibRL equation in calibrl_verl.core_algos (SPEC.md §1, §3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from calibrl_verl import core_algos as ca
+
+
+def _rewards(scores: list[float], length: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outcome rewards as verl stores them: the score on the last response token."""
+    rewards = torch.zeros(len(scores), length)
+    rewards[:, -1] = torch.tensor(scores)
+    return rewards, torch.ones(len(scores), length)
+
+
+# ---------------------------------------------------------------------------------------------- advantage
+def test_advantage_hand_case_excludes_expert_from_group_stats():
+    rewards, mask = _rewards([1.1, 0.1, 0.1, 0.0, 1.1, 1.0, 0.0])
+    index = np.array(["a", "a", "a", "a", "a", "b", "b"], dtype=object)
+    is_expert = torch.tensor([False, False, False, False, True, False, True])
+    adv, ret = ca.compute_calibrl_advantage(rewards, mask, index, is_expert)
+    mean_a = (1.1 + 0.1 + 0.1 + 0.0) / 4
+    expected = [1.1 - mean_a, 0.1 - mean_a, 0.1 - mean_a, 0.0 - mean_a, 0.0, 1.0, 0.0]
+    torch.testing.assert_close(adv[:, 0], torch.tensor(expected))
+    assert torch.equal(adv, ret)
+    # Group b has one on-policy row: verl's GRPO convention (mean 0) gives it its own reward.
+    assert adv[5, 0].item() == pytest.approx(1.0)
+
+
+def test_expert_rows_never_change_group_statistics():
+    rewards, mask = _rewards([1.0, 0.0, 0.0, 1.0])
+    index = np.array(["g"] * 4, dtype=object)
+    without, _ = ca.compute_calibrl_advantage(rewards, mask, index, torch.zeros(4, dtype=torch.bool), True)
+    for expert_reward in (0.0, 1.1, -5.0):
+        r2, m2 = _rewards([1.0, 0.0, 0.0, 1.0, expert_reward])
+        with_expert, _ = ca.compute_calibrl_advantage(
+            r2, m2, np.array(["g"] * 5, dtype=object), torch.tensor([False] * 4 + [True]), True
+        )
+        torch.testing.assert_close(with_expert[:4], without)
+        assert with_expert[4].abs().sum() == 0
+
+
+def test_rareness_is_one_minus_pass_rate_for_correct_and_pass_rate_for_wrong():
+    rewards, mask = _rewards([1.0, 1.0, 1.0, 0.0])  # pass rate p = 0.75
+    adv, _ = ca.compute_calibrl_advantage(rewards, mask, np.array(["q"] * 4, dtype=object), torch.zeros(4).bool())
+    torch.testing.assert_close(adv[:, 0].abs(), torch.tensor([0.25, 0.25, 0.25, 0.75]))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_all_equal_groups_get_zero_advantage(norm):
+    rewards, mask = _rewards([1.1, 1.1, 1.1, 0.3, 0.3, 0.3])
+    index = np.array(["x"] * 3 + ["y"] * 3, dtype=object)
+    adv, _ = ca.compute_calibrl_advantage(rewards, mask, index, torch.zeros(6).bool(), norm_adv_by_std=norm)
+    assert torch.count_nonzero(adv) == 0
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_matches_verl_grpo_when_there_is_no_expert(norm):
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 2, (40,), generator=gen).float() + 0.1 * torch.randint(0, 2, (40,), generator=gen)
+    rewards, mask = _rewards(scores.tolist(), length=5)
+    mask[:, 3:] = 0
+    index = np.array([f"u{i // 5}" for i in range(40)], dtype=object)
+    ours, _ = ca.compute_calibrl_advantage(rewards, mask, index, torch.zeros(40).bool(), norm_adv_by_std=norm)
+    theirs, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=norm)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_std_normalisation_uses_unbiased_std_of_onpolicy_rows():
+    rewards, mask = _rewards([1.0, 0.0, 0.0, 9.0])
+    adv, _ = ca.compute_calibrl_advantage(
+        rewards, mask, np.array(["g"] * 4, dtype=object), torch.tensor([False, False, False, True]), True
+    )
+    std = torch.tensor([1.0, 0.0, 0.0]).std().item()
+    assert adv[0, 0].item() == pytest.approx((1 - 1 / 3) / (std + 1e-6), rel=1e-5)
+
+
+def test_empty_batch_and_groups_with_only_an_expert():
+    empty, _ = ca.compute_calibrl_advantage(torch.zeros(0, 4), torch.zeros(0, 4), np.array([], dtype=object),
+                                            torch.zeros(0).bool())
+    assert empty.shape == (0, 4)
+    rewards, mask = _rewards([1.1])
+    adv, _ = ca.compute_calibrl_advantage(rewards, mask, np.array(["e"], dtype=object), torch.tensor([True]))
+    assert adv.abs().sum() == 0 and torch.isfinite(adv).all()
+
+
+def test_expert_advantage_for_offpolicy_baselines():
+    rewards, mask = _rewards([1.0, 0.0, 0.0, 1.1])
+    index = np.array(["g"] * 4, dtype=object)
+    is_expert = torch.tensor([False, False, False, True])
+    adv = ca.compute_expert_advantage(rewards, mask, index, is_expert)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.0, 0.0, 0.0, 1.1 - 1 / 3]))
+    adv_n = ca.compute_expert_advantage(rewards, mask, index, is_expert, norm_adv_by_std=True)
+    std = torch.tensor([1.0, 0.0, 0.0]).std().item()
+    assert adv_n[3, 0].item() == pytest.approx((1.1 - 1 / 3) / (std + 1e-6), rel=1e-5)
+
+
+def test_correctness_prefers_acc_field_then_threshold():
+    scores = torch.tensor([1.1, 0.1, 0.2, 1.0])
+    assert ca.correctness_sign(scores).tolist() == [True, False, True, True]
+    assert ca.correctness_sign(scores, pass_threshold=0.5).tolist() == [True, False, False, True]
+    acc = torch.tensor([1.0, 0.0, 0.0, float("nan")])
+    assert ca.correctness_sign(scores, acc=acc).tolist() == [True, False, False, False]
+
+
+# ---------------------------------------------------------------------------------------------- gate
+@pytest.mark.parametrize(
+    "correct,gap,slope",
+    [(True, -1.0, 1.0), (True, 1.0, 0.5), (False, 1.0, 1.0), (False, -1.0, 0.5)],
+)
+def test_gradient_direction_and_slope_of_the_gate(correct, gap, slope):
+    """Correct below the expert: full push up; above it: damped to alpha. Mirrored for wrong responses."""
+    log_prob = torch.tensor([[-2.0 + gap]], requires_grad=True)
+    loss, metrics = ca.compute_calibrl_guide_loss(
+        log_prob, torch.tensor([[-2.0]]), torch.tensor([[True]]), torch.tensor([[0.6]]),
+        torch.tensor([correct]), torch.ones(1, 1), alpha=0.5,
+    )
+    loss.backward()
+    direction = -1.0 if correct else 1.0  # d loss / d log_prob: negative = the update raises log-prob
+    assert log_prob.grad.item() == pytest.approx(direction * slope * 0.6)
+    assert metrics["gate_full_frac"] == (1.0 if slope == 1.0 else 0.0)
+    assert metrics["gap_mean"] == pytest.approx(gap)
+    assert metrics["rareness_mean"] == pytest.approx(0.6)
+
+
+def test_token_mode_hand_case_with_tail_zero_and_mask():
+    log_prob = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -4.0]])
+    expert = torch.tensor([[-1.5, -1.0, 0.0], [-1.5, -1.0, 0.0]])
+    emask = torch.tensor([[True, True, False], [True, True, False]])
+    adv = torch.tensor([[0.5] * 3, [-0.25] * 3])
+    correct = torch.tensor([True, False])
+    resp = torch.ones(2, 3)
+    a = 0.5
+
+    def gate(x):
+        return x if x > 0 else a * x
+
+    # row 0 (correct, |A|=.5): d = [.5, -1, -3] (tail zero: l^e = 0);  row 1 (wrong, |A|=.25): d = [1, .5, -4]
+    g0 = [0.5 * gate(-d) for d in (0.5, -1.0, -3.0)]
+    g1 = [0.25 * gate(d) for d in (1.0, 0.5, -4.0)]
+    loss, m = ca.compute_calibrl_guide_loss(log_prob, expert, emask, adv, correct, resp, alpha=a, tail="zero")
+    assert loss.item() == pytest.approx((sum(g0) + sum(g1)) / 6)
+    assert m["gate_full_frac"] == pytest.approx(4 / 6)
+    loss_m, m_m = ca.compute_calibrl_guide_loss(log_prob, expert, emask, adv, correct, resp, alpha=a, tail="mask")
+    # tail="mask" drops the third token from the sum but the denominator is still every response token.
+    assert loss_m.item() == pytest.approx((sum(g0[:2]) + sum(g1[:2])) / 6)
+    assert m_m["gate_full_frac"] == pytest.approx(3 / 4)
+
+
+def test_rows_without_expert_add_nothing_but_count_in_the_denominator():
+    log_prob = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
+    expert = torch.tensor([[-2.0, -2.0], [0.0, 0.0]])
+    emask = torch.tensor([[True, True], [False, False]])
+    loss, m = ca.compute_calibrl_guide_loss(log_prob, expert, emask, torch.ones(2, 2), torch.tensor([False, True]),
+                                            torch.ones(2, 2), alpha=0.5)
+    assert loss.item() == pytest.approx(2 * 1.0 / 4)  # row 0: wrong, above expert by 1 -> slope 1; / 4 tokens
+    loss.backward()
+    assert log_prob.grad[1].abs().sum() == 0
+    assert m["guided_frac"] == 0.5
+
+
+def test_no_expert_at_all_and_zero_advantage_give_zero_loss_and_gradient():
+    log_prob = torch.randn(3, 4, requires_grad=True)
+    loss, m = ca.compute_calibrl_guide_loss(log_prob, torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bool),
+                                            torch.ones(3, 4), torch.ones(3).bool(), torch.ones(3, 4))
+    loss.backward()
+    assert loss.item() == 0 and log_prob.grad.abs().sum() == 0 and m["gate_full_frac"] == 0
+    log_prob2 = torch.randn(3, 4, requires_grad=True)
+    loss2, _ = ca.compute_calibrl_guide_loss(log_prob2, torch.randn(3, 4), torch.ones(3, 4).bool(),
+                                             torch.zeros(3, 4), torch.ones(3).bool(), torch.ones(3, 4))
+    loss2.backward()
+    assert loss2.item() == 0 and log_prob2.grad.abs().sum() == 0
+
+
+def test_empty_response_mask_is_finite():
+    for gap in ca.GAP_MODES:
+        loss, m = ca.compute_calibrl_guide_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3).bool(),
+                                                torch.ones(2, 3), torch.ones(2).bool(), torch.zeros(2, 3), gap=gap)
+        assert loss.item() == 0 and all(math.isfinite(v) for v in m.values())
+
+
+def test_minus_inf_log_probs_are_floored_not_propagated():
+    log_prob = torch.tensor([[float("-inf"), -1.0]], requires_grad=True)
+    expert = torch.tensor([[-1.0, float("-inf")]])
+    for gap in ca.GAP_MODES:
+        loss, m = ca.compute_calibrl_guide_loss(log_prob, expert, torch.ones(1, 2).bool(), torch.ones(1, 2),
+                                                torch.tensor([True]), torch.ones(1, 2), gap=gap)
+        (grad,) = torch.autograd.grad(loss, log_prob)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert all(math.isfinite(v) for v in m.values())
+    # the floored token's gap is exactly LOG_PROB_FLOOR - (-1)
+    loss, m = ca.compute_calibrl_guide_loss(log_prob[:, :1], expert[:, :1], torch.ones(1, 1).bool(),
+                                            torch.ones(1, 1), torch.tensor([True]), torch.ones(1, 1))
+    assert m["gap_mean"] == pytest.approx(ca.LOG_PROB_FLOOR + 1.0)
+
+
+def test_sequence_mode_is_the_papers_eq9():
+    log_prob = torch.tensor([[-1.0, -2.0, -1.0], [-0.5, -0.5, 0.0]], requires_grad=True)
+    resp = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    expert = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]])
+    emask = torch.tensor([[True, True, False], [True, True, False]])
+    adv = torch.tensor([[0.5] * 3, [0.5] * 3])
+    correct = torch.tensor([True, False])
+    loss, m = ca.compute_calibrl_guide_loss(log_prob, expert, emask, adv, correct, resp, gap="sequence", alpha=0.5)
+    # d_0 = -4 - (-2) = -2, correct -> gate(2) = 2;  d_1 = -1 - (-2) = 1, wrong -> gate(1) = 1
+    assert loss.item() == pytest.approx((0.5 * 2 + 0.5 * 1) / 2)
+    assert m["gate_full_frac"] == 1.0 and m["gap_mean"] == pytest.approx(-0.5)
+    loss_mean, m_mean = ca.compute_calibrl_guide_loss(log_prob, expert, emask, adv, correct, resp, gap="sequence",
+                                                      sequence_norm="mean", alpha=0.5)
+    # d_0 = -4/3 - (-1) = -1/3 -> 1/3;  d_1 = -0.5 - (-1) = 0.5 -> 0.5
+    assert loss_mean.item() == pytest.approx((0.5 / 3 + 0.5 * 0.5) / 2)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    assert grad[0, 0].item() == pytest.approx(-0.5 / 2) and grad[1, 2].item() == 0.0
+
+
+def test_sequence_mode_counts_responses_without_expert():
+    loss, _ = ca.compute_calibrl_guide_loss(
+        torch.tensor([[-3.0], [-3.0]]), torch.tensor([[-1.0], [0.0]]), torch.tensor([[True], [False]]),
+        torch.ones(2, 1), torch.tensor([True, True]), torch.ones(2, 1), gap="sequence")
+    assert loss.item() == pytest.approx(2.0 / 2)
+
+
+def test_bf16_and_fp32_agree():
+    gen = torch.Generator().manual_seed(3)
+    lp = -torch.rand(8, 16, generator=gen) * 3
+    elp = -torch.rand(8, 16, generator=gen) * 3
+    emask = torch.rand(8, 16, generator=gen) > 0.2
+    adv = torch.randn(8, 1, generator=gen).expand(8, 16)
+    correct = torch.rand(8, generator=gen) > 0.5
+    resp = torch.ones(8, 16)
+    for gap in ca.GAP_MODES:
+        full, _ = ca.compute_calibrl_guide_loss(lp, elp, emask, adv, correct, resp, gap=gap)
+        half, _ = ca.compute_calibrl_guide_loss(lp.bfloat16(), elp.bfloat16(), emask, adv.bfloat16(), correct,
+                                                resp.bfloat16(), gap=gap)
+        assert half.dtype == torch.float32
+        assert half.item() == pytest.approx(full.item(), rel=2e-2, abs=1e-3)
+
+
+def test_invalid_modes_are_rejected_with_the_key_name():
+    args = (torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1).bool(), torch.ones(1, 1), torch.ones(1).bool(),
+            torch.ones(1, 1))
+    with pytest.raises(ValueError, match="calibrl.gap"):
+        ca.compute_calibrl_guide_loss(*args, gap="tokens")
+    with pytest.raises(ValueError, match="calibrl.alpha"):
+        ca.compute_calibrl_guide_loss(*args, alpha=1.5)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        ca.compute_calibrl_guide_loss(*args, loss_agg_mode="mean")
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+@pytest.mark.parametrize("mode", ca.LOSS_AGG_MODES)
+def test_aggregate_loss_matches_verl_agg_loss(mode):
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    gen = torch.Generator().manual_seed(1)
+    loss_mat = torch.randn(6, 7, generator=gen)
+    mask = (torch.rand(6, 7, generator=gen) > 0.3).float()
+    mask[2] = 0
+    torch.testing.assert_close(ca.aggregate_loss(loss_mat, mask, mode), agg_loss(loss_mat, mask, mode))
+    kwargs = dict(dp_size=2, batch_num_tokens=55, global_batch_size=11, loss_scale_factor=4)
+    torch.testing.assert_close(ca.aggregate_loss(loss_mat, mask, mode, **kwargs),
+                               agg_loss(loss_mat, mask, mode, **kwargs))
+
+
+@pytest.mark.parametrize("gap,agg", [("token", "token-mean"), ("token", "seq-mean-token-mean"),
+                                     ("sequence", "token-mean")])
+def test_micro_batch_split_gives_the_same_gradient(gap, agg):
+    """With verl's global token/sequence counts, summing micro-batch losses equals the mini-batch loss."""
+    gen = torch.Generator().manual_seed(2)
+    lp = (-torch.rand(6, 5, generator=gen) * 2).requires_grad_(True)
+    elp = -torch.rand(6, 5, generator=gen) * 2
+    emask = torch.rand(6, 5, generator=gen) > 0.3
+    adv = torch.randn(6, 1, generator=gen).expand(6, 5)
+    correct = torch.rand(6, generator=gen) > 0.5
+    resp = (torch.rand(6, 5, generator=gen) > 0.2).float()
+    resp[:, 0] = 1
+    glob = dict(batch_num_tokens=resp.sum(), global_batch_size=6)
+    whole, _ = ca.compute_calibrl_guide_loss(lp, elp, emask, adv, correct, resp, gap=gap, loss_agg_mode=agg, **glob)
+    (g_whole,) = torch.autograd.grad(whole, lp)
+    parts = [ca.compute_calibrl_guide_loss(lp[s], elp[s], emask[s], adv[s], correct[s], resp[s], gap=gap,
+                                           loss_agg_mode=agg, **glob)[0] for s in (slice(0, 2), slice(2, 6))]
+    (g_parts,) = torch.autograd.grad(sum(parts), lp)
+    torch.testing.assert_close(sum(parts), whole)
+    torch.testing.assert_close(g_parts, g_whole)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def test_luffy_expert_token_loss_value_and_gradient():
+    lp = torch.log(torch.tensor([[0.1, 0.9]])).requires_grad_(True)
+    adv = torch.tensor([[2.0, 2.0]])
+    loss = ca.luffy_expert_token_loss(lp, adv)
+    torch.testing.assert_close(loss, torch.tensor([[-2 * 0.1 / 0.2, -2 * 0.9 / 1.0]]))
+    (grad,) = torch.autograd.grad(loss.sum(), lp)
+    # d/dlogp [p/(p+g)] = p*g/(p+g)^2: low-probability expert tokens get the larger push
+    expected = [-2 * p * 0.1 / (p + 0.1) ** 2 for p in (0.1, 0.9)]
+    torch.testing.assert_close(grad, torch.tensor([expected]))
+    assert abs(grad[0, 0]) > abs(grad[0, 1])
+
+
+def test_rlplus_expert_token_loss_value_and_gradient():
+    lp = torch.log(torch.tensor([[0.2, 0.5]])).requires_grad_(True)
+    old = torch.log(torch.tensor([[0.4, 0.4]]))
+    adv = torch.tensor([[1.0, 1.0]])
+    loss = ca.rlplus_expert_token_loss(lp, old, adv)
+    expected = [-p / (0.75 * 0.4 + 0.25) * (1 - p) ** 0.5 for p in (0.2, 0.5)]
+    torch.testing.assert_close(loss, torch.tensor([expected]))
+    (grad,) = torch.autograd.grad(loss.sum(), lp)
+    # the exploration weight is held constant: gradient = loss itself (d p / d log p = p)
+    torch.testing.assert_close(grad, torch.tensor([expected]))
+
+
+def test_vectorised_advantage_equals_a_per_row_loop():
+    gen = torch.Generator().manual_seed(5)
+    n = 60
+    scores = torch.randint(0, 3, (n,), generator=gen).float()
+    is_expert = torch.rand(n, generator=gen) > 0.8
+    index = np.array([f"g{int(i)}" for i in torch.randint(0, 9, (n,), generator=gen)], dtype=object)
+    rewards, mask = _rewards(scores.tolist())
+    adv, _ = ca.compute_calibrl_advantage(rewards, mask, index, is_expert, norm_adv_by_std=True)
+    for i in range(n):
+        members = [j for j in range(n) if index[j] == index[i] and not is_expert[j]]
+        vals = scores[members]
+        if is_expert[i] or (len(vals) > 1 and bool((vals == vals[0]).all())):
+            want = 0.0
+        elif len(vals) == 1:
+            want = scores[i].item() / (1 + 1e-6)
+        else:
+            want = ((scores[i] - vals.mean()) / (vals.std() + 1e-6)).item()
+        assert adv[i, 0].item() == pytest.approx(want, abs=1e-5), i
