@@ -13,6 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup_cpu] creating venv $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+# A current pip: the resolver of Python 3.11's bundled pip 23.2 backtracks for minutes on verl's tree.
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q "pip>=25.1,<26.2"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$ROOT/requirements/constraints-cpu.txt")
 # torch + torchvision first and alone: the CPU-usable pair is resolved before anything can ask for another.
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1

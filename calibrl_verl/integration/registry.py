@@ -11,6 +11,7 @@ naming what is missing: they never fall back to plain GRPO silently.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,22 @@ ADV_ESTIMATOR = "calibrl"
 POLICY_LOSSES = ("calibrl", "luffy", "rlplus")
 _HOW = ("run training through `python -m calibrl_verl.main_calibrl` (trainer `calibrl`), whose trainer and "
         "actor loss pass these per-row tensors")
+
+
+# Set by ``actor_loss.calibrl_actor_loss`` around verl's ``ppo_loss`` call: the per-micro-batch CalibRL inputs
+# that verl's fixed policy-loss call cannot pass. Explicit keyword arguments take precedence.
+LOSS_EXTRAS: ContextVar[dict[str, Any] | None] = ContextVar("calibrl_loss_extras", default=None)
+
+
+# Set by the CalibRL trainer around verl's ``_compute_advantage``: which rows verl's ``compute_advantage``
+# must keep out of the group statistics (expert and padding rows), in the order of the step's keys.
+ADV_EXTRAS: ContextVar[dict[str, Any] | None] = ContextVar("calibrl_adv_extras", default=None)
+
+
+def _with_extras(var: ContextVar = LOSS_EXTRAS, **kwargs: Any) -> dict[str, Any]:
+    """Explicit keyword arguments, completed from a context variable for the ones the call site left out."""
+    extras = var.get() or {}
+    return {key: extras.get(key) if value is None else value for key, value in kwargs.items()}
 
 
 class CalibRLCallError(TypeError):
@@ -47,11 +64,29 @@ def calibrl_advantage_estimator(
     epsilon: float = 1e-6,
     **_: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl-signature wrapper of ``core_algos.compute_calibrl_advantage`` (expert rows out of the statistics)."""
+    """verl-signature wrapper of ``core_algos.compute_calibrl_advantage`` (expert rows out of the statistics).
+
+    For the off-policy baselines the trainer also passes ``expert_rows`` (active expert rows), which then get
+    their own advantage A_e (``core_algos.compute_expert_advantage``) instead of 0.
+    """
+    extras = ADV_EXTRAS.get() or {}
+    if is_expert is None:
+        is_expert = extras.get("is_expert")
+        norm_adv_by_std = extras.get("norm_adv_by_std", norm_adv_by_std)
     _require(ADV_ESTIMATOR, index=index, is_expert=is_expert)
-    return core_algos.compute_calibrl_advantage(
+    adv, _ = core_algos.compute_calibrl_advantage(
         token_level_rewards, response_mask, index, is_expert, norm_adv_by_std=norm_adv_by_std, epsilon=epsilon
     )
+    expert_rows = extras.get("expert_rows")
+    if expert_rows is not None:
+        real = ~torch.as_tensor(extras["is_padding"]).bool()
+        a_e = torch.zeros_like(adv)
+        a_e[real] = core_algos.compute_expert_advantage(
+            token_level_rewards[real], response_mask[real], np.asarray(index, dtype=object)[real.numpy()],
+            torch.as_tensor(is_expert).bool()[real], norm_adv_by_std=norm_adv_by_std, epsilon=epsilon,
+        ).to(adv.dtype)
+        adv = adv + a_e * torch.as_tensor(expert_rows).bool().unsqueeze(-1).to(adv.dtype)
+    return adv, adv
 
 
 def _global_info(config: Any, response_mask: torch.Tensor) -> dict[str, Any]:
@@ -61,6 +96,27 @@ def _global_info(config: Any, response_mask: torch.Tensor) -> dict[str, Any]:
     if info.get("batch_num_tokens") is None:
         info["batch_num_tokens"] = response_mask.sum()
     return info
+
+
+def _micro_batch_mean(loss: torch.Tensor, info: dict[str, Any], mask: torch.Tensor, loss_agg_mode: str,
+                      gap: str = "token") -> float:
+    """The loss as this micro-batch's own mean, for a metric verl averages over micro-batches and ranks.
+
+    With verl's global normalisation a micro-batch's loss is its share of the mini-batch mean (a partial sum);
+    averaging those would divide by the number of micro-batches. Rescaling to the local denominator makes the
+    average the mini-batch mean (exactly so for equal-sized micro-batches).
+    """
+    value = float(loss.detach())
+    dp = float(info.get("dp_size", 1) or 1)
+    if gap == "sequence" or loss_agg_mode.startswith("seq-mean"):
+        glob, local = info.get("global_batch_size"), float(mask.bool().any(-1).sum())
+    elif loss_agg_mode == "token-mean":
+        glob, local = info.get("batch_num_tokens"), float(mask.sum())
+    else:
+        return value
+    if glob is None or local == 0:
+        return value
+    return value * float(glob) / (dp * local)
 
 
 def _ppo_surrogate(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, rollout_is_weights, info):
@@ -97,6 +153,9 @@ def calibrl_policy_loss(
     calibrl: CalibRLConfig | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """L = L_pg + guide_coef * L_guide over on-policy rows (SPEC §1.7); expert rows are not passed in."""
+    got = _with_extras(expert_log_prob=expert_log_prob, expert_mask=expert_mask, correct=correct, calibrl=calibrl)
+    expert_log_prob, expert_mask, correct, calibrl = (got["expert_log_prob"], got["expert_mask"], got["correct"],
+                                                      got["calibrl"])
     _require("calibrl", expert_log_prob=expert_log_prob, expert_mask=expert_mask, correct=correct, calibrl=calibrl)
     info = _global_info(config, response_mask)
     pg_loss, metrics = _ppo_surrogate(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -106,7 +165,7 @@ def calibrl_policy_loss(
         alpha=calibrl.alpha, gap=calibrl.gap, tail=calibrl.tail, sequence_norm=calibrl.sequence_norm,
         loss_agg_mode=loss_agg_mode, **info,
     )
-    metrics["calibrl/guide_loss"] = guide.detach().item()
+    metrics["calibrl/guide_loss"] = _micro_batch_mean(guide, info, response_mask, loss_agg_mode, calibrl.gap)
     metrics.update({f"calibrl/{k}": v for k, v in guide_metrics.items()})
     return pg_loss + calibrl.guide_coef * guide, metrics
 
@@ -114,6 +173,7 @@ def calibrl_policy_loss(
 def _offpolicy_loss(name, token_loss_fn, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                     rollout_is_weights, is_expert):
     """On-policy tokens: verl's PPO surrogate. Expert tokens: ``token_loss_fn``. One shared denominator."""
+    is_expert = _with_extras(is_expert=is_expert)["is_expert"]
     _require(name, is_expert=is_expert)
     expert_rows = torch.as_tensor(is_expert, dtype=torch.bool, device=response_mask.device).reshape(-1, 1)
     mask = response_mask.bool()

@@ -1,0 +1,155 @@
+"""One training step's CalibRL fields, computed from the rows of a step (torch + numpy, no TransferQueue).
+
+The trainer (``integration.trainer``) reads a step's rows from verl's TransferQueue, calls
+``compute_step_fields`` and writes the result back; keeping this part free of Ray/TQ lets tests run it on
+real tensors directly. Row order is the step's key order; padding rows (verl's ``is_padding`` tag) copy
+row 0's fields, so they are excluded explicitly everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrl_verl import core_algos
+from calibrl_verl.config import CalibRLConfig
+
+
+@dataclasses.dataclass
+class StepRows:
+    """What the trainer knows about each row of one step (B rows, T = padded response length)."""
+
+    uids: np.ndarray  # (B,) object: the prompt uid (= group)
+    is_expert: torch.Tensor  # (B,) bool: an injected expert row
+    is_padding: torch.Tensor  # (B,) bool: verl's balance padding
+    scores: torch.Tensor  # (B,) float: the row's reward (sum of token-level rewards)
+    acc: torch.Tensor | None  # (B,) float or None: the reward's `acc` field when it returns one (NaN if missing)
+    response_mask: torch.Tensor  # (B, T)
+    old_log_probs: torch.Tensor  # (B, T)
+    expert_truncated: torch.Tensor  # (B,) bool: expert row cut at max_response_length
+
+    @property
+    def onpolicy(self) -> torch.Tensor:
+        return ~self.is_expert & ~self.is_padding
+
+
+@dataclasses.dataclass
+class StepFields:
+    """Per-row tensors written back for the update, and the step's ``calibrl/*`` metrics."""
+
+    advantages: torch.Tensor  # (B, T)
+    expert_log_prob: torch.Tensor  # (B, T): the group expert's old log-probs, position-aligned (on-policy rows)
+    expert_mask: torch.Tensor  # (B, T) bool: where that expert has a token; all false without an active expert
+    correct: torch.Tensor  # (B,) bool
+    active_expert: torch.Tensor  # (B,) bool: expert rows whose group uses its expert this step
+    metrics: dict[str, float]
+
+
+def update_padding(n_onpolicy: int, n_expert: int, dp_size: int, mini_batch_rows: int) -> tuple[int, int]:
+    """Padding rows (p_update, p_total) so that on-policy + p_update rows fill whole update mini-batches on
+    every data-parallel rank, and all rows + p_total split evenly over the ranks (p_update <= p_total).
+
+    verl pads a step to lcm(dp, ppo_mini_batch_size * rollout.n); CalibRL updates on a subset (no experts),
+    so the subset gets the mini-batch constraint and the whole batch only the dp one.
+    """
+    p_update = (-n_onpolicy) % math.lcm(dp_size, mini_batch_rows)
+    p_total = p_update + (-(n_onpolicy + n_expert + p_update)) % dp_size
+    return p_update, p_total
+
+
+def first_expert_row(uids: np.ndarray, is_expert: torch.Tensor) -> torch.Tensor:
+    """For every row, the index of its group's first expert row, or -1 when the group has none.
+
+    With experts_per_group > 1 the first expert of the group is the calibration baseline (SPEC §1 leaves the
+    choice open; the authors use one expert), while LUFFY / RL-PLUS train on every expert row.
+    """
+    gid = core_algos.group_ids(uids)
+    n_groups = int(gid.max()) + 1 if gid.numel() else 0
+    rows = torch.arange(len(gid))
+    big = len(gid)
+    candidate = torch.where(is_expert, rows, torch.full_like(rows, big))
+    first = torch.full((n_groups,), big, dtype=torch.long).scatter_reduce_(0, gid, candidate, reduce="amin")
+    per_row = first[gid]
+    return torch.where(per_row == big, torch.full_like(per_row, -1), per_row)
+
+
+def group_pass_rate(uids: np.ndarray, correct: torch.Tensor, onpolicy: torch.Tensor) -> torch.Tensor:
+    """Per row, the fraction of its group's on-policy rows that are correct (NaN for groups without any)."""
+    gid = core_algos.group_ids(uids)
+    n_groups = int(gid.max()) + 1 if gid.numel() else 0
+    w = onpolicy.float()
+    count = torch.zeros(n_groups).index_add_(0, gid, w)
+    hits = torch.zeros(n_groups).index_add_(0, gid, correct.float() * w)
+    rate = hits / count
+    return rate[gid]
+
+
+def keep_expert(cfg: CalibRLConfig, rows: StepRows, correct: torch.Tensor) -> torch.Tensor:
+    """Per row: does the row's group use its expert this step? (SPEC §2; `random` is decided at injection.)"""
+    has = first_expert_row(rows.uids, rows.is_expert & ~rows.is_padding) >= 0
+    if cfg.mix_policy != "pass_rate":
+        return has
+    lo, hi = cfg.pass_rate_range
+    rate = group_pass_rate(rows.uids, correct, rows.onpolicy)
+    return has & (rate >= lo) & (rate <= hi)
+
+
+def compute_step_fields(cfg: CalibRLConfig, rows: StepRows) -> StepFields:
+    """Advantages, correctness, expert alignment and metrics for one step (SPEC §1.4-1.8, §2, §3, §5)."""
+    excluded = rows.is_expert | rows.is_padding
+    token_rewards = torch.zeros_like(rows.response_mask, dtype=torch.float32)
+    token_rewards[:, 0] = rows.scores.float()  # an outcome reward: only its sum matters
+    adv, _ = core_algos.compute_calibrl_advantage(token_rewards, rows.response_mask, rows.uids, excluded,
+                                                  norm_adv_by_std=cfg.norm_adv_by_std)
+    correct = core_algos.correctness_sign(rows.scores, rows.acc, cfg.pass_threshold)
+    keep = keep_expert(cfg, rows, correct)
+    expert_idx = first_expert_row(rows.uids, rows.is_expert & ~rows.is_padding)
+    guided = rows.onpolicy & keep
+    src = expert_idx.clamp(min=0)
+    expert_mask = rows.response_mask[src].bool() & guided.unsqueeze(-1)
+    expert_log_prob = torch.where(expert_mask, rows.old_log_probs[src].float(), 0.0)
+    active_expert = rows.is_expert & ~rows.is_padding & keep
+    if cfg.loss_mode in ("luffy", "rlplus"):
+        adv = adv + _expert_advantage(cfg, rows, token_rewards) * active_expert.unsqueeze(-1)
+    return StepFields(adv, expert_log_prob, expert_mask, correct, active_expert,
+                      step_metrics(rows, adv, keep, correct))
+
+
+def _expert_advantage(cfg: CalibRLConfig, rows: StepRows, token_rewards: torch.Tensor) -> torch.Tensor:
+    """A_e for expert rows (LUFFY / RL-PLUS), with group statistics over the real on-policy rows only."""
+    real = ~rows.is_padding
+    out = torch.zeros_like(token_rewards)
+    out[real] = core_algos.compute_expert_advantage(
+        token_rewards[real], rows.response_mask[real], rows.uids[real.numpy()], rows.is_expert[real],
+        norm_adv_by_std=cfg.norm_adv_by_std,
+    ).to(out.dtype)
+    return out
+
+
+def step_metrics(rows: StepRows, adv: torch.Tensor, keep: torch.Tensor, correct: torch.Tensor) -> dict[str, Any]:
+    """SPEC §5 trainer-side metrics (the loss adds guide_loss, gate_full_frac and gap_mean)."""
+    real = ~rows.is_padding
+    groups = np.unique(rows.uids[real.numpy()].astype(str))
+    guided_groups = np.unique(rows.uids[(real & keep & rows.onpolicy).numpy()].astype(str))
+    experts = rows.is_expert & real
+    on = rows.onpolicy
+    out: dict[str, Any] = {
+        "calibrl/expert_groups_frac": len(guided_groups) / max(len(groups), 1),
+        "calibrl/groups_without_expert": float(len(groups) - len(np.unique(rows.uids[experts.numpy()].astype(str)))),
+        "calibrl/rareness_mean": float(adv[on].abs().amax(-1).mean()) if on.any() else 0.0,
+        "calibrl/onpolicy_acc_mean": float(correct[on].float().mean()) if on.any() else 0.0,
+    }
+    if experts.any():
+        mask = rows.response_mask[experts].float()
+        out.update({
+            "calibrl/expert_reward_mean": float(rows.scores[experts].float().mean()),
+            "calibrl/expert_acc_mean": float(correct[experts].float().mean()),
+            "calibrl/expert_logprob_mean": float((rows.old_log_probs[experts] * mask).sum() / mask.sum().clamp(min=1)),
+            "calibrl/expert_len_mean": float(mask.sum(-1).mean()),
+            "calibrl/expert_truncated_frac": float(rows.expert_truncated[experts].float().mean()),
+        })
+    return out

@@ -1,0 +1,84 @@
+"""Train with CalibRL: ``python -m calibrl_verl.main_calibrl [hydra overrides]``.
+
+verl 0.9.1's own entry point (``verl.trainer.main_ppo``: device set-up, config validation, Ray, the V1
+TaskRunner) with our config (``config/calibrl_trainer.yaml``, composed on verl's ``ppo_trainer``) and three
+things done first, on the driver, before Ray or any GPU starts:
+
+1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it);
+2. the verl keys that follow from ``calibrl.loss_mode`` are derived (estimator, policy loss, the agent-loop
+   file), so one switch selects CalibRL or a baseline;
+3. ``CALIBRL_REGISTER_TRAINER=1`` is exported (also into Ray's runtime env) so that verl's plugin loading
+   registers our trainer in the Ray TaskRunner process, where verl looks it up.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Any
+
+os.environ.setdefault("CALIBRL_REGISTER_TRAINER", "1")  # before verl is imported: see calibrl_verl.plugin
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from calibrl_verl.config import CalibRLConfig, CalibRLConfigError  # noqa: E402
+
+_FORWARDED_ENV = ("CALIBRL_REGISTER_TRAINER", "CALIBRL_DEVICE")
+
+
+def prepare_config(config: DictConfig) -> CalibRLConfig:
+    """Validate ``calibrl:`` and derive the verl keys it implies; returns the validated section."""
+    cfg = CalibRLConfig.from_config(config.get("calibrl"))
+    rollout = config.actor_rollout_ref.rollout
+    if int(rollout.n) <= cfg.n_expert:
+        raise CalibRLConfigError(
+            f"actor_rollout_ref.rollout.n={rollout.n} counts on-policy samples plus calibrl.experts_per_group="
+            f"{cfg.n_expert} expert rows: it must be larger (e.g. n=11 for 10 samples + 1 expert)"
+        )
+    cfg.check_run_length(config.trainer.get("total_training_steps"))
+    with open_dict(config):
+        grpo = cfg.loss_mode == "grpo"
+        config.algorithm.adv_estimator = "grpo" if grpo else "calibrl"
+        config.actor_rollout_ref.actor.policy_loss.loss_mode = "vanilla" if grpo else cfg.loss_mode
+        config.trainer.v1.trainer_mode = "calibrl"
+        if not rollout.agent.get("agent_loop_config_path"):
+            rollout.agent.agent_loop_config_path = str(resources.files("calibrl_verl") / "config" / "agent_loops.yaml")
+        _forward_env(config)
+    return cfg
+
+
+def _forward_env(config: DictConfig) -> None:
+    """Ray workers of an existing cluster do not inherit the driver's environment: pass ours explicitly."""
+    ray_init = config.ray_kwargs.ray_init
+    if ray_init.get("runtime_env") is None:
+        ray_init.runtime_env = {}
+    if ray_init.runtime_env.get("env_vars") is None:
+        ray_init.runtime_env.env_vars = {}
+    for key in _FORWARDED_ENV:
+        if key in os.environ and key not in ray_init.runtime_env.env_vars:
+            ray_init.runtime_env.env_vars[key] = os.environ[key]
+
+
+def run(config: DictConfig) -> None:
+    """verl's own main_ppo path (device, validation, Ray, TaskRunnerV1) on the prepared config."""
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    import calibrl_verl.integration.registry  # noqa: F401  (fails loudly where the plugin would fail silently)
+
+    auto_set_device(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    run_ppo(config, task_runner_class=TaskRunnerV1)
+
+
+@hydra.main(config_path="config", config_name="calibrl_trainer", version_base=None)
+def main(config: Any) -> None:
+    prepare_config(config)
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
