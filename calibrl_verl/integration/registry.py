@@ -166,7 +166,8 @@ def calibrl_policy_loss(
         loss_agg_mode=loss_agg_mode, **info,
     )
     metrics["calibrl/guide_loss"] = _micro_batch_mean(guide, info, response_mask, loss_agg_mode, calibrl.gap)
-    metrics.update({f"calibrl/{k}": v for k, v in guide_metrics.items()})
+    # rareness_mean is logged by the trainer over the whole step; the rest only the loss can see
+    metrics.update({f"calibrl/{k}": v for k, v in guide_metrics.items() if k != "rareness_mean"})
     return pg_loss + calibrl.guide_coef * guide, metrics
 
 
