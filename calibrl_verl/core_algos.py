@@ -99,17 +99,9 @@ def compute_calibrl_advantage(
     (mean 0, std 1). Returns (advantages, returns), both (B, T) and equal, broadcast over response_mask.
     """
     is_expert = torch.as_tensor(is_expert, dtype=torch.bool).reshape(-1)
-    scores = token_level_rewards.sum(dim=-1).to(torch.float32)
-    if scores.numel() == 0:
-        empty = torch.zeros_like(token_level_rewards)
-        return empty, empty
-    onpolicy = ~is_expert
-    mean, std, all_equal = _onpolicy_group_stats(scores, group_ids(index), onpolicy)
-    adv = scores - mean
-    if norm_adv_by_std:
-        adv = adv / (std + epsilon)
-    adv = torch.where(onpolicy & ~all_equal, adv, torch.zeros_like(adv))
-    adv = adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
+    adv, all_equal = _centred_scores(token_level_rewards, index, is_expert, norm_adv_by_std, epsilon)
+    adv = torch.where(~is_expert & ~all_equal, adv, torch.zeros_like(adv))
+    adv = _broadcast(adv, token_level_rewards, response_mask)
     return adv, adv
 
 
@@ -129,15 +121,23 @@ def compute_expert_advantage(
     (or a single one) uses mean 0 and std 1.
     """
     is_expert = torch.as_tensor(is_expert, dtype=torch.bool).reshape(-1)
+    adv, _ = _centred_scores(token_level_rewards, index, is_expert, norm_adv_by_std, epsilon)
+    return _broadcast(torch.where(is_expert, adv, torch.zeros_like(adv)), token_level_rewards, response_mask)
+
+
+def _centred_scores(token_level_rewards, index, is_expert, norm_adv_by_std, epsilon):
+    """(r_i - mean) [/ (std + eps)] per row with on-policy group statistics, and the all-equal-group flag."""
     scores = token_level_rewards.sum(dim=-1).to(torch.float32)
     if scores.numel() == 0:
-        return torch.zeros_like(token_level_rewards)
-    mean, std, _ = _onpolicy_group_stats(scores, group_ids(index), ~is_expert)
+        return scores, torch.zeros_like(scores, dtype=torch.bool)
+    mean, std, all_equal = _onpolicy_group_stats(scores, group_ids(index), ~is_expert)
     adv = scores - mean
-    if norm_adv_by_std:
-        adv = adv / (std + epsilon)
-    adv = torch.where(is_expert, adv, torch.zeros_like(adv))
-    return adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
+    return (adv / (std + epsilon) if norm_adv_by_std else adv), all_equal
+
+
+def _broadcast(adv: torch.Tensor, like: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """A (B,) per-row value as verl's (B, T) token tensor: the value on response tokens, 0 elsewhere."""
+    return adv.to(like.dtype).unsqueeze(-1) * response_mask.to(like.dtype)
 
 
 def correctness_sign(
