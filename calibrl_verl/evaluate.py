@@ -1,0 +1,466 @@
+"""Evaluate a model on verl-format parquet benchmarks: greedy answers, CalibRL's reward, one table.
+
+    python -m calibrl_verl.evaluate --model PATH --data a.parquet [b.parquet ...] [--out DIR]
+        [--backend auto|vllm|hf] [--max-new-tokens N] [--limit N] [--batch-size N] [--tp N]
+
+Every row of each parquet (verl's RL layout: ``data_source``, ``prompt`` chat messages with ``<image>``
+placeholders, ``images`` as ``[{"bytes": png}]``, ``reward_model.ground_truth``) is answered greedily. The model
+input is built as verl builds it for a rollout: each ``<image>`` placeholder becomes an image content entry
+(``RLHFDataset._build_messages``), images go through ``qwen_vl_utils.process_vision_info`` with the
+processor's patch size, and the prompt is the processor's chat template with the generation prompt. Answers
+are scored with ``calibrl_verl.reward.compute_score`` (the training reward: acc, format). Written to ``--out``:
+
+* ``results.md``: a markdown table (benchmark, n, accuracy %, format rate %) plus the macro average;
+* ``results.csv``: the same numbers;
+* ``generations.jsonl``: one line per row (benchmark, index, prompt, response, ground truth, acc, format).
+
+The benchmark name is the parquet file's stem (``data/geoqa/test.parquet`` -> ``test``; files whose stems
+collide get their folder as a prefix, ``geoqa/test``), or the file's ``data_source`` with
+``--name-by data_source``.
+
+Backends: ``vllm`` (``vllm.LLM`` with multi-modal inputs and ``--tp`` tensor parallelism; needs a GPU),
+``hf`` (transformers ``generate``, batched with left padding; the CPU fallback, fine for tiny models), and
+``auto``: vLLM when it is importable and a GPU is visible, else hf.
+
+Evaluate a verl checkpoint: verl saves sharded FSDP weights; merge them into a Hugging Face model first
+(``huggingface/`` inside the checkpoint supplies config, tokenizer and processor), then evaluate the merge::
+
+    python -m verl.model_merger merge --backend fsdp \\
+        --local_dir checkpoints/<project>/<experiment>/global_step_N/actor --target_dir merged/step_N
+    python -m calibrl_verl.evaluate --model merged/step_N \\
+        --data data/geometry3k/test.parquet data/geoqa/test.parquet --out eval/step_N
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from calibrl_verl.reward import compute_score
+
+IMAGE_PLACEHOLDER = "<image>"
+REQUIRED_COLUMNS = ("prompt", "reward_model")
+
+
+class EvalError(Exception):
+    """A user-facing problem with the inputs (missing file, column, ...): reported without a traceback."""
+
+
+@dataclass
+class Row:
+    """One benchmark row, ready to be rendered into a model input."""
+
+    benchmark: str
+    index: int
+    data_source: str
+    messages: list[dict[str, Any]]
+    images: list[Any]
+    ground_truth: Any
+    extra_info: dict[str, Any] | None
+
+
+@dataclass
+class Request:
+    """The model input of one row: the chat-template text and the processed images."""
+
+    prompt: str
+    images: list[Any]
+
+
+class Backend(Protocol):
+    """Greedy generation for a list of rendered requests."""
+
+    processor: Any
+
+    def generate(self, requests: list[Request]) -> list[str]: ...
+
+
+# ----------------------------------------------------------------------------------------------- data loading
+
+
+def read_benchmark(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The parquet's rows as dicts (first ``limit`` only); clear errors for a missing file or column."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise EvalError(f"--data: no such file: {path}")
+    frame = pd.read_parquet(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise EvalError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)} (verl RL parquet expected)")
+    if limit is not None:
+        frame = frame.head(limit)
+    return frame.to_dict(orient="records")
+
+
+def _ground_truth(record: dict[str, Any], path: Path, position: int) -> Any:
+    reward_model = record.get("reward_model")
+    if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
+        raise EvalError(f"{path}: row {position} has no reward_model.ground_truth")
+    return reward_model["ground_truth"]
+
+
+def decode_image(item: Any) -> Any:
+    """A stored image (``{"bytes": ...}``, ``{"path": ...}``, raw bytes, a path or a PIL image) as RGB PIL."""
+    from PIL import Image
+
+    if isinstance(item, dict):
+        item = item.get("bytes") if item.get("bytes") is not None else item.get("path") or item.get("image")
+    if isinstance(item, bytes | bytearray):
+        item = Image.open(io.BytesIO(item))
+    elif isinstance(item, str | Path):
+        item = Image.open(item)
+    if not isinstance(item, Image.Image):
+        raise EvalError(f"unsupported image entry of type {type(item).__name__}")
+    return item.convert("RGB")
+
+
+def build_messages(prompt: Sequence[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
+    """verl's ``RLHFDataset._build_messages``: every ``<image>`` placeholder becomes an image content entry."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    if not images:
+        return messages
+    offset = 0
+    for message in messages:
+        if not isinstance(message["content"], str):
+            continue
+        parts = []
+        for segment in (s for s in re.split(f"({IMAGE_PLACEHOLDER})", message["content"]) if s != ""):
+            if segment == IMAGE_PLACEHOLDER:
+                if offset >= len(images):
+                    raise EvalError(f"more {IMAGE_PLACEHOLDER} placeholders than images ({len(images)})")
+                parts.append({"type": "image", "image": images[offset]})
+                offset += 1
+            else:
+                parts.append({"type": "text", "text": segment})
+        message["content"] = parts
+    return messages
+
+
+def load_rows(path: Path, benchmark: str, limit: int | None = None) -> list[Row]:
+    """Parse one benchmark parquet into rows."""
+    rows = []
+    for position, record in enumerate(read_benchmark(path, limit)):
+        images = [decode_image(item) for item in _as_list(record.get("images"))]
+        rows.append(
+            Row(
+                benchmark=benchmark,
+                index=position,
+                data_source=str(record.get("data_source") or benchmark),
+                messages=build_messages(_as_list(record["prompt"]), images),
+                images=images,
+                ground_truth=_ground_truth(record, path, position),
+                extra_info=record.get("extra_info") if isinstance(record.get("extra_info"), dict) else None,
+            )
+        )
+    return rows
+
+
+def _as_list(value: Any) -> list[Any]:
+    """parquet lists arrive as numpy arrays (or None)."""
+    return [] if value is None else list(value)
+
+
+def benchmark_names(paths: Sequence[Path], name_by: str = "stem") -> list[str]:
+    """Name per file: its stem (colliding stems get the folder prefix), or its single ``data_source``."""
+    stems = [p.stem for p in paths]
+    names = [s if stems.count(s) == 1 else f"{p.parent.name}/{s}" for p, s in zip(paths, stems, strict=True)]
+    if name_by == "data_source":
+        sources = [_data_source_name(p) or n for p, n in zip(paths, names, strict=True)]
+        names = [s if sources.count(s) == 1 else f"{s}:{n}" for s, n in zip(sources, names, strict=True)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise EvalError(f"--data: two files get the benchmark name(s) {duplicates}; is a file listed twice?")
+    return names
+
+
+def _data_source_name(path: Path) -> str | None:
+    """The file's data_source when all its rows share one, else None."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise EvalError(f"--data: no such file: {path}")
+    if not _has_column(path):
+        return None
+    sources = pd.read_parquet(path, columns=["data_source"])["data_source"].unique()
+    return str(sources[0]) if len(sources) == 1 else None
+
+
+def _has_column(path: Path, column: str = "data_source") -> bool:
+    import pyarrow.parquet as pq
+
+    return column in pq.read_schema(path).names
+
+
+# ------------------------------------------------------------------------------------------------ model input
+
+
+def render(processor: Any, row: Row) -> Request:
+    """Chat-template text (generation prompt added) and images processed as verl's agent loop does."""
+    prompt = processor.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=False)
+    images: list[Any] = []
+    if row.images:
+        from qwen_vl_utils import process_vision_info
+
+        patch_size = getattr(getattr(processor, "image_processor", None), "patch_size", 14)
+        images = process_vision_info(row.messages, image_patch_size=patch_size)[0] or []
+    return Request(prompt=prompt, images=images)
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(name: str) -> str:
+    """``auto``: vLLM when importable and a GPU is visible, else hf."""
+    if name == "auto":
+        return "vllm" if vllm_importable() and gpu_available() else "hf"
+    if name == "vllm" and not vllm_importable():
+        raise EvalError("--backend vllm: vllm is not installed (use --backend hf)")
+    return name
+
+
+def load_processor(model: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model)
+
+
+# Pure greedy, like vLLM with explicit SamplingParams(temperature=0): the checkpoint's generation_config
+# (Qwen2.5-VL ships repetition_penalty 1.05 and sampling knobs) must not change the answers.
+GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "temperature": None, "top_p": None, "top_k": None}
+
+
+class HFBackend:
+    """transformers ``generate``, greedy, batched with left padding."""
+
+    def __init__(self, model: str, max_new_tokens: int, batch_size: int) -> None:
+        import torch
+
+        self.processor = load_processor(model)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = load_hf_model(model, dtype).to(self.device).eval()
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def generate(self, requests: list[Request]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            out.extend(self._generate_batch(requests[start : start + self.batch_size]))
+        return out
+
+    def _generate_batch(self, batch: list[Request]) -> list[str]:
+        import torch
+
+        images = [image for request in batch for image in request.images]
+        kwargs: dict[str, Any] = {"images": images} if images else {}
+        inputs = self.processor(text=[r.prompt for r in batch], padding=True, return_tensors="pt", **kwargs)
+        inputs = inputs.to(self.device)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, **GREEDY, max_new_tokens=self.max_new_tokens)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def load_hf_model(model: str, dtype: Any) -> Any:
+    """Vision-language models through AutoModelForImageTextToText, text-only ones through AutoModelForCausalLM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(model, dtype=dtype)
+
+
+class VLLMBackend:
+    """``vllm.LLM`` with multi-modal inputs, tensor parallel, greedy (explicit temperature 0, so the
+    checkpoint's generation_config defaults are not applied)."""
+
+    def __init__(self, model: str, max_new_tokens: int, tp: int, max_images: int, max_model_len: int | None) -> None:
+        from vllm import LLM, SamplingParams
+
+        self.processor = load_processor(model)
+        kwargs: dict[str, Any] = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
+        self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=max_model_len, **kwargs)
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+
+    def generate(self, requests: list[Request]) -> list[str]:
+        outputs = self.llm.generate([vllm_input(r) for r in requests], self.params)
+        return [o.outputs[0].text for o in outputs]
+
+
+def vllm_input(request: Request) -> dict[str, Any]:
+    """vLLM's prompt dict: the rendered text plus the images (as verl hands them to its vLLM server)."""
+    if not request.images:
+        return {"prompt": request.prompt}
+    return {"prompt": request.prompt, "multi_modal_data": {"image": request.images}}
+
+
+def make_backend(args: argparse.Namespace, max_images: int) -> Backend:
+    """The backend selected by ``--backend`` (``auto`` resolved)."""
+    name = choose_backend(args.backend)
+    print(f"[evaluate] backend: {name}", file=sys.stderr)
+    if name == "vllm":
+        return VLLMBackend(args.model, args.max_new_tokens, args.tp, max_images, args.max_model_len)
+    return HFBackend(args.model, args.max_new_tokens, args.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+
+
+def score_rows(responses: Sequence[str], rows: Sequence[Row]) -> list[dict[str, float]]:
+    """The training reward for each (response, row): ``{"score", "acc", "format"}`` from ``compute_score``."""
+    if len(responses) != len(rows):
+        raise ValueError(f"{len(responses)} responses for {len(rows)} rows")
+    return [
+        compute_score(row.data_source, response, row.ground_truth, row.extra_info)
+        for response, row in zip(responses, rows, strict=True)
+    ]
+
+
+def generation_record(row: Row, request: Request, response: str, score: dict[str, float]) -> dict[str, Any]:
+    """One line of generations.jsonl."""
+    return {
+        "benchmark": row.benchmark,
+        "index": row.index,
+        "data_source": row.data_source,
+        "prompt": request.prompt,
+        "response": response,
+        "ground_truth": row.ground_truth,
+        "acc": float(score["acc"]),
+        "format": float(score["format"]),
+        "score": float(score["score"]),
+    }
+
+
+def evaluate_rows(rows: list[Row], backend: Backend) -> list[dict[str, Any]]:
+    """Render, generate greedily, score: one record per row."""
+    requests = [render(backend.processor, row) for row in rows]
+    responses = backend.generate(requests)
+    scores = score_rows(responses, rows)
+    return [generation_record(*item) for item in zip(rows, requests, responses, scores, strict=True)]
+
+
+def summarize(records: Sequence[dict[str, Any]], benchmarks: Sequence[str]) -> list[dict[str, Any]]:
+    """Per benchmark: n, accuracy %, format rate %; then the macro average when there are several."""
+    table = []
+    for name in benchmarks:
+        rows = [r for r in records if r["benchmark"] == name]
+        n = len(rows)
+        table.append(
+            {
+                "benchmark": name,
+                "n": n,
+                "accuracy": 100.0 * sum(r["acc"] for r in rows) / n if n else 0.0,
+                "format_rate": 100.0 * sum(r["format"] for r in rows) / n if n else 0.0,
+            }
+        )
+    if len(table) > 1:
+        table.append(
+            {
+                "benchmark": "average",
+                "n": sum(t["n"] for t in table),
+                "accuracy": sum(t["accuracy"] for t in table) / len(table),
+                "format_rate": sum(t["format_rate"] for t in table) / len(table),
+            }
+        )
+    return table
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+
+def markdown_table(table: Sequence[dict[str, Any]], title: str) -> str:
+    lines = [f"# {title}", "", "| benchmark | n | accuracy (%) | format (%) |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {t['benchmark']} | {t['n']} | {t['accuracy']:.2f} | {t['format_rate']:.2f} |" for t in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, records: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], title: str) -> None:
+    """results.md, results.csv and generations.jsonl under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown_table(table, title))
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["benchmark", "n", "accuracy", "format_rate"])
+        writer.writeheader()
+        writer.writerows(
+            {**t, "accuracy": f"{t['accuracy']:.2f}", "format_rate": f"{t['format_rate']:.2f}"} for t in table
+        )
+    with open(out / "generations.jsonl", "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m calibrl_verl.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="HF model dir or id (a merged verl checkpoint)")
+    parser.add_argument("--data", required=True, nargs="+", type=Path, help="verl RL parquet file(s)")
+    parser.add_argument("--out", type=Path, default=None, help="output dir [eval_results/<model dir name>]")
+    parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=4096, help="response budget (training: 4096)")
+    parser.add_argument("--limit", type=int, default=None, help="first N rows of each file only")
+    parser.add_argument("--batch-size", type=int, default=8, help="hf backend batch size")
+    parser.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len [model's]")
+    parser.add_argument("--name-by", choices=["stem", "data_source"], default="stem", help="benchmark naming")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("eval_results") / Path(args.model.rstrip("/")).name
+    for key in ("max_new_tokens", "batch_size", "tp", "limit"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace, backend_factory: Callable[[int], Backend] | None = None) -> list[dict[str, Any]]:
+    """Load every file (fail fast, before the model), evaluate, write; returns the summary table."""
+    names = benchmark_names(args.data, args.name_by)
+    datasets = [load_rows(path, name, args.limit) for path, name in zip(args.data, names, strict=True)]
+    max_images = max((len(r.images) for rows in datasets for r in rows), default=0)
+    backend = backend_factory(max_images) if backend_factory else make_backend(args, max_images)
+    records = [record for rows in datasets for record in evaluate_rows(rows, backend)]
+    table = summarize(records, names)
+    write_outputs(args.out, records, table, title=f"{args.model}")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        table = run(args)
+    except EvalError as err:
+        raise SystemExit(f"evaluate: error: {err}") from None
+    print(markdown_table(table, args.model), end="")
+    print(f"[evaluate] wrote {args.out}/results.md, results.csv, generations.jsonl", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""calibrl_verl.evaluate end to end on a tiny local Qwen2.5-VL (hf backend), plus its parts with known answers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from calibrl_verl import evaluate
+from calibrl_verl.evaluate import Request, Row
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen2.5-VL + processor + two verl parquets (random weights: a few seconds, nothing downloaded)."""
+    from calibrl_verl.tiny import model_dir, train_files, val_files
+    from calibrl_verl.tiny.build import build
+
+    root = tmp_path_factory.mktemp("tiny")
+    build(root, n_train=4, n_val=4, warmstart_steps=0, eval_samples=0)
+    return {"model": model_dir(root), "train": train_files(root), "val": val_files(root)}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_end_to_end_with_the_tiny_model(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    evaluate.main(["--model", str(tiny["model"]), "--data", str(tiny["train"]), str(tiny["val"]), "--out", str(out),
+                   "--backend", "hf", "--limit", "3", "--max-new-tokens", "6", "--batch-size", "2"])  # fmt: skip
+    records = read_jsonl(out / "generations.jsonl")
+    assert [(r["benchmark"], r["index"]) for r in records] == [("train", i) for i in range(3)] + [
+        ("val", i) for i in range(3)
+    ]
+    truths = pd.read_parquet(tiny["val"])["reward_model"].map(lambda rm: rm["ground_truth"]).tolist()
+    assert [r["ground_truth"] for r in records[3:]] == truths[:3]
+    for record in records:
+        assert record["prompt"].startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>")
+        assert record["prompt"].endswith("<|im_start|>assistant\n") and "<image>" not in record["prompt"]
+        assert isinstance(record["response"], str) and record["acc"] in (0.0, 1.0)
+
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [t["benchmark"] for t in table] == ["train", "val", "average"]
+    for t in table[:2]:
+        accs = [r["acc"] for r in records if r["benchmark"] == t["benchmark"]]
+        assert int(t["n"]) == 3 and float(t["accuracy"]) == pytest.approx(100 * sum(accs) / 3, abs=0.01)
+    markdown = (out / "results.md").read_text().splitlines()
+    assert "| benchmark | n | accuracy (%) | format (%) |" in markdown
+    assert sum(line.startswith(("| train | 3 |", "| val | 3 |", "| average | 6 |")) for line in markdown) == 3
+
+
+class ScriptedBackend:
+    """Stands in for a model: answers correctly on even rows, wrongly (but well formatted) on odd rows."""
+
+    def __init__(self, processor: Any, truths: list[str]) -> None:
+        self.processor = processor
+        self.truths = truths
+        self.requests: list[Request] = []
+
+    def generate(self, requests: list[Request]) -> list[str]:
+        out = []
+        for request in requests:
+            i = len(self.requests)
+            answer = self.truths[i] if i % 2 == 0 else "wrong"
+            out.append(f"<think>row {i}</think><answer>{answer}</answer>")
+            self.requests.append(request)
+        return out
+
+
+def test_known_answers_give_the_known_accuracy(tiny: dict[str, Path], tmp_path: Path) -> None:
+    truths = pd.read_parquet(tiny["val"])["reward_model"].map(lambda rm: rm["ground_truth"]).tolist()
+    args = evaluate.parse_args(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(tmp_path)])
+    backend = ScriptedBackend(evaluate.load_processor(str(tiny["model"])), truths)
+    table = evaluate.run(args, backend_factory=lambda max_images: backend)
+    assert table == [{"benchmark": "val", "n": 4, "accuracy": 50.0, "format_rate": 100.0}]
+    assert [len(r.images) for r in backend.requests] == [1] * 4  # one processed image per row reached the model
+    assert [r["acc"] for r in read_jsonl(tmp_path / "generations.jsonl")] == [1.0, 0.0, 1.0, 0.0]
+    assert "| val | 4 | 50.00 | 100.00 |" in (tmp_path / "results.md").read_text()
+
+
+def _row(truth: str, source: str = "geoqa") -> Row:
+    return Row("b", 0, source, [{"role": "user", "content": "q"}], [], truth, None)
+
+
+def test_score_rows_uses_the_training_reward() -> None:
+    rows = [_row("3"), _row("3"), _row("B"), _row("\\frac{1}{2}"), _row("3")]
+    responses = [
+        "<think>count</think><answer>3</answer>",  # correct, formatted
+        "The answer is <answer>3</answer>",  # correct, no think block
+        "<think>..</think><answer>(B) 12</answer>",  # multiple choice by letter
+        "<think>..</think><answer>0.5</answer>",  # numeric equivalence
+        "<think>..</think><answer>3</answer><answer>4</answer>",  # two answers: never rewarded
+    ]
+    scores = evaluate.score_rows(responses, rows)
+    assert [(s["acc"], s["format"]) for s in scores] == [(1.0, 1.0), (1.0, 0.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0)]
+    assert scores[0]["score"] == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="2 responses for 1 rows"):
+        evaluate.score_rows(["a", "b"], rows[:1])
+
+
+def test_messages_and_prompt_match_verls_dataset(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Our model input equals what verl's RLHFDataset + processor chat template give for the same row."""
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    processor = evaluate.load_processor(str(tiny["model"]))
+    config = OmegaConf.create({"cache_dir": str(tmp_path / "cache"), "prompt_key": "prompt", "image_key": "images"})
+    verl_row = RLHFDataset(str(tiny["val"]), processor.tokenizer, config, processor=processor)[1]["raw_prompt"]
+    ours = evaluate.load_rows(tiny["val"], "val", limit=2)[1]
+    assert [[part["type"] for part in m["content"]] for m in ours.messages] == [
+        [part["type"] for part in m["content"]] for m in verl_row
+    ]
+    template = {"add_generation_prompt": True, "tokenize": False}
+    assert evaluate.render(processor, ours).prompt == processor.apply_chat_template(verl_row, **template)
+    verl_image = verl_row[0]["content"][0]["image"].convert("RGB")
+    assert ours.messages[0]["content"][0]["image"].tobytes() == verl_image.tobytes()
+
+
+def test_build_messages_places_images_and_checks_counts() -> None:
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "<image>A<image> B"}]
+    messages = evaluate.build_messages(prompt, ["img0", "img1"])
+    assert messages[0]["content"] == [{"type": "text", "text": "s"}]
+    assert messages[1]["content"] == [{"type": "image", "image": "img0"}, {"type": "text", "text": "A"},
+                                      {"type": "image", "image": "img1"}, {"type": "text", "text": " B"}]  # fmt: skip
+    assert evaluate.build_messages([{"role": "user", "content": "text only"}], []) == [
+        {"role": "user", "content": "text only"}
+    ]
+    with pytest.raises(evaluate.EvalError, match="more <image> placeholders than images"):
+        evaluate.build_messages([{"role": "user", "content": "<image><image>"}], ["one"])
+
+
+def test_missing_file_and_column_are_clear_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
+    base = ["--model", str(tiny["model"]), "--out", str(tmp_path / "o"), "--backend", "hf"]
+    with pytest.raises(SystemExit, match=r"evaluate: error: --data: no such file: .*nope\.parquet"):
+        evaluate.main([*base, "--data", str(tiny["val"]), str(tmp_path / "nope.parquet")])
+    bad = tmp_path / "bad.parquet"
+    pd.read_parquet(tiny["val"]).drop(columns=["reward_model"]).to_parquet(bad)
+    with pytest.raises(SystemExit, match=r"bad\.parquet: missing column\(s\) \['reward_model'\]"):
+        evaluate.main([*base, "--data", str(bad)])
+    assert not (tmp_path / "o").exists()  # inputs are checked before any model loads or any output is written
+
+
+def test_benchmark_names() -> None:
+    paths = [Path("data/geoqa/test.parquet"), Path("data/geometry3k/test.parquet"), Path("eval/mathvista.parquet")]
+    assert evaluate.benchmark_names(paths) == ["geoqa/test", "geometry3k/test", "mathvista"]
+
+
+def test_benchmark_names_by_data_source(tiny: dict[str, Path]) -> None:
+    assert evaluate.benchmark_names([tiny["val"]], "data_source") == ["calibrl_tiny"]
+    both = evaluate.benchmark_names([tiny["train"], tiny["val"]], "data_source")
+    assert both == ["calibrl_tiny:train", "calibrl_tiny:val"]
+    with pytest.raises(evaluate.EvalError, match="listed twice"):
+        evaluate.benchmark_names([tiny["val"], tiny["val"]])
+
+
+def test_backend_choice_and_vllm_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluate, "vllm_importable", lambda: True)
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: True)
+    assert evaluate.choose_backend("auto") == "vllm"
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: False)
+    assert evaluate.choose_backend("auto") == "hf" and evaluate.choose_backend("hf") == "hf"
+    monkeypatch.setattr(evaluate, "vllm_importable", lambda: False)
+    with pytest.raises(evaluate.EvalError, match="vllm is not installed"):
+        evaluate.choose_backend("vllm")
+    assert evaluate.vllm_input(Request("p", [])) == {"prompt": "p"}
+    assert evaluate.vllm_input(Request("p", ["im"])) == {"prompt": "p", "multi_modal_data": {"image": ["im"]}}

@@ -1,0 +1,123 @@
+"""The expert data-source hook: verl's real RLHFDataset + CalibRLAgentLoop on a tiny Qwen2.5-VL processor with images.
+
+The agent loop is verl's own (``SingleTurnAgentLoop.run``) with only the rollout server swapped; the sampled
+sessions here talk to ``FixedServer``, a stand-in for vLLM (no model runs in this test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+from verl.utils.dataset.rl_dataset import RLHFDataset
+from verl.workers.rollout.replica import TokenOutput
+
+from calibrl_verl.integration.agent_loop import CalibRLAgentLoop, ExpertServer, expert_token_ids
+from calibrl_verl.main_calibrl import prepare_config
+from calibrl_verl.tiny.models import build_processor, build_tokenizer
+from calibrl_verl.tiny.task import make_items, tokenizer_corpus, write_parquet
+
+
+class FixedServer:
+    """A rollout server that always answers the same tokens (what the sampled sessions would get from vLLM)."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.calls = 0
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **_):
+        self.calls += 1
+        self.prompt_ids = list(prompt_ids)
+        return TokenOutput(token_ids=self.token_ids, log_probs=[-0.5] * len(self.token_ids),
+                           extra_fields={"global_steps": 2, "min_global_steps": 2, "max_global_steps": 2})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("hook")
+    tokenizer = build_tokenizer(tokenizer_corpus(0))
+    processor = build_processor(tokenizer)
+    path = write_parquet(make_items(4, 0, "train"), "train", Path(root) / "train.parquet")
+    return {"tokenizer": tokenizer, "processor": processor, "path": str(path)}
+
+
+def _config(*overrides: str):
+    with initialize_config_module("calibrl_verl.config", version_base=None):
+        cfg = compose("calibrl_trainer", overrides=["data.max_prompt_length=512", "data.max_response_length=64",
+                                                    "actor_rollout_ref.rollout.n=3", *overrides])
+    prepare_config(cfg)
+    return cfg
+
+
+def _item(assets: dict, cfg, index: int = 0) -> dict:
+    dataset = RLHFDataset(data_files=assets["path"], tokenizer=assets["tokenizer"], config=cfg.data,
+                          processor=assets["processor"])
+    return dataset[index]
+
+
+def _run(assets: dict, cfg, item: dict, session_id: int, expert: bool, server=None):
+    kwargs = {**item, "session_id": session_id, "calibrl_expert": torch.tensor(expert), "global_steps": 3}
+
+    async def session():  # verl builds a loop per session inside its running event loop
+        loop = CalibRLAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=server or FixedServer([5, 6, 7]),
+                                tokenizer=assets["tokenizer"], processor=assets["processor"],
+                                dataset_cls=RLHFDataset, data_config=DictConfigWrap(cfg.data),
+                                hf_model_type="qwen2_5_vl")
+        return await loop.run({"temperature": 1.0, "top_p": 1.0, "logprobs": True}, **kwargs), loop
+
+    return asyncio.run(session())
+
+
+def test_expert_session_returns_the_tokenised_solution_with_the_same_prompt_and_images(assets):
+    cfg = _config()
+    item = _item(assets, cfg)
+    server = FixedServer([5, 6, 7])
+    sampled, _ = _run(assets, cfg, item, session_id=0, expert=True, server=server)
+    expert, loop = _run(assets, cfg, item, session_id=2, expert=True)
+    tok = assets["tokenizer"]
+    want = tok.encode(item["solution"], add_special_tokens=False) + [tok.eos_token_id]
+    assert expert.response_ids == want
+    assert expert.response_mask == [1] * len(want)
+    assert expert.prompt_ids == sampled.prompt_ids == server.prompt_ids  # identical prompt tokens
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert expert.prompt_ids.count(image_pad) > 0
+    assert expert.multi_modal_data["images"] and sampled.multi_modal_data["images"]
+    assert expert.extra_fields["is_expert"] is True and sampled.extra_fields["is_expert"] is False
+    assert expert.extra_fields["expert_truncated"] is False
+    assert expert.response_logprobs == [0.0] * len(want)  # placeholder, replaced by old log-probs later
+    assert isinstance(expert.extra_fields["min_global_steps"], int)
+    assert isinstance(loop.server_manager, ExpertServer)
+    assert sampled.response_ids == [5, 6, 7] and server.calls == 1
+
+
+def test_sessions_without_the_marker_or_below_n_onpolicy_sample_from_the_policy(assets):
+    cfg = _config()
+    item = _item(assets, cfg, 1)
+    for session_id, marker in ((1, True), (2, False)):
+        server = FixedServer([9, 9])
+        out, _ = _run(assets, cfg, item, session_id, marker, server)
+        assert out.response_ids == [9, 9] and server.calls == 1 and out.extra_fields["is_expert"] is False
+
+
+def test_overlong_expert_is_truncated_or_dropped(assets):
+    item = _item(assets, _config())
+    n_tokens = len(assets["tokenizer"].encode(item["solution"], add_special_tokens=False)) + 1
+    short = max(n_tokens // 2, 1)
+    cfg = _config(f"data.max_response_length={short}")
+    out, _ = _run(assets, cfg, item, session_id=2, expert=True)
+    assert len(out.response_ids) == short and out.extra_fields["expert_truncated"] is True
+    dropped, _ = _run(assets, _config(f"data.max_response_length={short}", "calibrl.expert_overlong=drop"),
+                      item, session_id=2, expert=True)
+    assert dropped == []
+
+
+def test_expert_token_ids_adds_no_special_tokens_and_one_end_token(assets):
+    tok = assets["tokenizer"]
+    ids, truncated = expert_token_ids(tok, "<think>3 circles</think><answer>3</answer>", 100, "truncate")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1 and not truncated
+    assert tok.decode(ids[:-1]) == "<think>3 circles</think><answer>3</answer>"
+    assert expert_token_ids(tok, "a b c d e f g", 2, "drop") == (None, True)
