@@ -98,14 +98,14 @@ def test_first_expert_row_per_group():
     assert got.tolist() == [2, -1, 2, 2, -1]
 
 
-@pytest.mark.parametrize("n_on,n_exp,dp,mini", [(40, 4, 1, 20), (40, 3, 4, 20), (37, 4, 8, 16), (10, 0, 2, 10),
-                                                (480 * 10, 470, 8, 1200)])
-def test_update_padding_fills_mini_batches_and_dp_ranks(n_on, n_exp, dp, mini):
-    p_update, p_total = update_padding(n_on, n_exp, dp, mini)
+@pytest.mark.parametrize("n_on,n_exp,dp,mini,micro", [(40, 4, 1, 20, 1), (40, 3, 4, 20, 2), (37, 4, 8, 16, 1),
+                                                      (10, 0, 2, 10, 1), (16, 4, 1, 16, 8), (4800, 470, 8, 1200, 4)])
+def test_update_padding_fills_mini_batches_and_micro_batches(n_on, n_exp, dp, mini, micro):
+    p_update, p_total = update_padding(n_on, n_exp, dp, mini, dp * micro)
     assert 0 <= p_update <= p_total
-    assert (n_on + p_update) % mini == 0 and ((n_on + p_update) // dp) % (mini // dp if mini % dp == 0 else 1) == 0
-    assert (n_on + p_update) % dp == 0 and (n_on + n_exp + p_total) % dp == 0
-    assert p_update < np.lcm(dp, mini) and p_total - p_update < dp
+    assert (n_on + p_update) % mini == 0 and (n_on + p_update) % dp == 0
+    assert (n_on + n_exp + p_total) % (dp * micro) == 0
+    assert p_update < np.lcm(dp, mini) and p_total - p_update < dp * micro
 
 
 def test_guide_loss_on_step_fields_matches_core_algos_directly():

@@ -49,15 +49,19 @@ class StepFields:
     metrics: dict[str, float]
 
 
-def update_padding(n_onpolicy: int, n_expert: int, dp_size: int, mini_batch_rows: int) -> tuple[int, int]:
+def update_padding(n_onpolicy: int, n_expert: int, dp_size: int, mini_batch_rows: int,
+                   full_multiple: int | None = None) -> tuple[int, int]:
     """Padding rows (p_update, p_total) so that on-policy + p_update rows fill whole update mini-batches on
-    every data-parallel rank, and all rows + p_total split evenly over the ranks (p_update <= p_total).
+    every data-parallel rank, and all rows + p_total split into whole log-prob micro-batches on every rank
+    (``full_multiple``: dp x log-prob micro-batch size; dp when micro-batches are dynamic). p_update <= p_total.
 
-    verl pads a step to lcm(dp, ppo_mini_batch_size * rollout.n); CalibRL updates on a subset (no experts),
-    so the subset gets the mini-batch constraint and the whole batch only the dp one.
+    verl pads a step to lcm(dp, ppo_mini_batch_size * rollout.n), which presumes every group has rollout.n
+    rows; CalibRL's groups have n or n - k rows (mixing, missing experts) and it updates on a subset (no
+    experts), so the subset gets the mini-batch constraint and the whole batch the micro-batch one.
     """
+    full_multiple = full_multiple or dp_size
     p_update = (-n_onpolicy) % math.lcm(dp_size, mini_batch_rows)
-    p_total = p_update + (-(n_onpolicy + n_expert + p_update)) % dp_size
+    p_total = p_update + (-(n_onpolicy + n_expert + p_update)) % full_multiple
     return p_update, p_total
 
 

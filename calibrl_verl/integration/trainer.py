@@ -97,7 +97,7 @@ class CalibRLTrainer(PPOTrainerSync):
             raise CalibRLConfigError(
                 f"calibrl.expert_key={key!r}: the training data has no such column (columns: {sorted(batch.keys())})"
             )
-        texts = list(batch[key].tolist()) if hasattr(batch[key], "tolist") else list(batch[key])
+        texts = _as_list(batch[key])
         has_text = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in texts])
         if self.calibrl.in_warmup(self.global_steps):
             return torch.zeros(len(texts), dtype=torch.bool)
@@ -133,9 +133,16 @@ class CalibRLTrainer(PPOTrainerSync):
             return super()._get_required_batch_multiple(dp_size)
         n_on, n_expert = self._balance_target
         mini = int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size) * self.n_onpolicy
-        p_update, p_total = update_padding(n_on, n_expert, dp_size, mini)
+        p_update, p_total = update_padding(n_on, n_expert, dp_size, mini, dp_size * self._log_prob_micro_batch())
         self._balance_target = (n_on + p_update, n_expert)
         return n_on + n_expert + p_total  # verl pads to a multiple of this: exactly p_total rows
+
+    def _log_prob_micro_batch(self) -> int:
+        """Rows per log-prob micro-batch per rank when fixed (verl asserts each rank's rows divide by it)."""
+        rollout = self.config.actor_rollout_ref.rollout
+        if rollout.get("log_prob_use_dynamic_bsz", False):
+            return 1
+        return int(rollout.get("log_prob_micro_batch_size_per_gpu") or 1)
 
     # -- 3. old log-probs: expert baseline, on-policy entropy ---------------------------------------------------
     def _compute_old_log_prob(self, batch, metrics):
@@ -146,12 +153,13 @@ class CalibRLTrainer(PPOTrainerSync):
         fields = ["old_log_probs", "entropy", "response_mask"] + (["rollout_log_probs", "responses"] if calc else [])
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         expert = torch.tensor(self._expert_flags(batch))
+        onpolicy = ~expert & ~torch.tensor(self._padding_flags(batch))
         padded = data.to_padded_tensor()
         if calc:  # experts have placeholder rollout log-probs: make them "on-policy" so no metric or weight sees 0s
             fixed = torch.where(expert.unsqueeze(-1), padded["old_log_probs"], padded["rollout_log_probs"])
             batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(
                 {"rollout_log_probs": response_to_nested(fixed, data["response_mask"])}, batch_size=len(batch)))
-        self._onpolicy_old_log_prob_metrics(padded, ~expert & ~self._padding_flags(batch), metrics, calc)
+        self._onpolicy_old_log_prob_metrics(padded, onpolicy, metrics, calc)
         return batch
 
     def _onpolicy_old_log_prob_metrics(self, padded: TensorDict, onpolicy: torch.Tensor, metrics: dict,
@@ -171,6 +179,7 @@ class CalibRLTrainer(PPOTrainerSync):
     def _compute_advantage(self, batch, metrics):
         if self.calibrl.n_expert == 0:
             return super()._compute_advantage(batch, metrics)
+        keys, partition_id = list(batch.keys), batch.partition_id
         rows, response_mask = self._step_rows(batch)
         fields = compute_step_fields(self.calibrl, rows)
         metrics.update(fields.metrics)
@@ -188,15 +197,15 @@ class CalibRLTrainer(PPOTrainerSync):
             actor_loss.EXPERT_MASK: response_to_nested(fields.expert_mask.float(), response_mask),
             actor_loss.CORRECT: fields.correct.float(),
             actor_loss.IS_EXPERT: fields.active_expert.float(),
-        }, batch_size=len(batch))
-        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+        }, batch_size=len(keys))
+        return tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=out)
 
     def _step_rows(self, batch) -> tuple[StepRows, Any]:
         """Read the step's rows from TransferQueue into the plain tensors ``compute_step_fields`` takes."""
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
                                select_fields=["uid", "response_mask", "rm_scores", "old_log_probs", "extra_fields"])
-        extra = list(data["extra_fields"].tolist())
-        uids = np.array(list(data["uid"].tolist()), dtype=object)
+        extra = _as_list(data["extra_fields"])
+        uids = np.array(_as_list(data["uid"]), dtype=object)
         response_mask = data["response_mask"]
         padded = data.select("response_mask", "rm_scores", "old_log_probs").to_padded_tensor()
         rows = StepRows(
@@ -252,7 +261,7 @@ class CalibRLTrainer(PPOTrainerSync):
         """Per key: an expert row (padding rows copy row 0's fields, so they never count as experts)."""
         if extra is None:
             got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-            extra = list(got["extra_fields"].tolist())
+            extra = _as_list(got["extra_fields"])
         padding = self._padding_flags(batch)
         return [bool(e.get("is_expert", False)) and not p for e, p in zip(extra, padding, strict=True)]
 
@@ -264,6 +273,11 @@ class CalibRLTrainer(PPOTrainerSync):
         expert = self._expert_flags(batch)
         padding = self._padding_flags(batch)
         return [k for k, e, p in zip(batch.keys, expert, padding, strict=True) if not e and (keep_padding or not p)]
+
+
+def _as_list(value: Any) -> list:
+    """Per-row Python objects from a TensorDict: a NonTensorStack (``tolist``) or tensordict's list type."""
+    return list(value.tolist()) if hasattr(value, "tolist") else list(value)
 
 
 def _reward_acc(extra: list[dict]) -> torch.Tensor | None:
