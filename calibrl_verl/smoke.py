@@ -53,13 +53,19 @@ def recipe_overrides(assets: Path, out: Path, steps: int, loss_mode: str, device
     return args
 
 
-def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str], timeout: int | None = None) -> Path:
-    """Build assets if needed, train, plot; returns the metrics JSONL path. Raises on a non-zero exit."""
+def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str], timeout: int | None = None,
+        name: str = "metrics") -> Path:
+    """Build assets if needed, train, plot; returns the metrics JSONL path. Raises on a non-zero exit.
+
+    Checkpoints go to ``out/<loss_mode>/checkpoints`` and verl resumes from the latest one there
+    (``trainer.resume_mode=auto``); ``name`` names this launch's metrics/log files, since verl's file logger
+    starts its file afresh on every launch.
+    """
     out = out.resolve()
     assets = out / "assets"
     if not (assets / "build_info.json").exists():
         subprocess.run([sys.executable, "-m", "calibrl_verl.tiny.build", "--out", str(assets)], check=True)
-    metrics = out / loss_mode / "metrics.jsonl"
+    metrics = out / loss_mode / f"{name}.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "calibrl_verl.main_calibrl", *recipe_overrides(assets, out, steps, loss_mode, device)]
@@ -69,11 +75,12 @@ def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str], ti
         env.update(cpu_env())
         cmd += cpu_overrides()
     cmd += extra
-    with open(out / loss_mode / "train.log", "w") as log:
+    log_path = out / loss_mode / f"{name}.log"
+    with open(log_path, "w") as log:
         proc = subprocess.run(cmd, env=env, cwd=out, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
-        tail = (out / loss_mode / "train.log").read_text()[-4000:]
-        raise RuntimeError(f"training exited {proc.returncode}; last lines of {out / loss_mode / 'train.log'}:\n{tail}")
+        raise RuntimeError(f"training exited {proc.returncode}; last lines of {log_path}:\n"
+                           f"{log_path.read_text()[-4000:]}")
     from calibrl_verl.plots import main as plot
 
     plot([str(metrics), "--out", str(out / loss_mode / "curves.png")])
