@@ -4,7 +4,9 @@ verl 0.9.1's own entry point (``verl.trainer.main_ppo``: device set-up, config v
 TaskRunner) with our config (``config/calibrl_trainer.yaml``, composed on verl's ``ppo_trainer``) and three
 things done first, on the driver, before Ray or any GPU starts:
 
-1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it);
+1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it), and the local
+   training files are checked (``calibrl_verl.data.validate``: errors name file, row and column; counted
+   fallbacks such as rows without an expert are printed once);
 2. the verl keys that follow from ``calibrl.loss_mode`` are derived (estimator, policy loss, the agent-loop
    file), so one switch selects CalibRL or a baseline;
 3. ``CALIBRL_REGISTER_TRAINER=1`` is exported (also into Ray's runtime env) so that verl's plugin loading
@@ -60,6 +62,21 @@ def _forward_env(config: DictConfig) -> None:
             ray_init.runtime_env.env_vars[key] = os.environ[key]
 
 
+def validate_train_data(config: DictConfig, cfg: CalibRLConfig) -> None:
+    """Check every local training file before Ray starts; remote paths (hdfs://, ...) are left to verl."""
+    from calibrl_verl.data.validate import validate_parquet
+
+    files = config.data.train_files
+    for path in [files] if isinstance(files, str) else list(files):
+        if "://" in str(path) or not os.path.isfile(str(path)):
+            print(f"[calibrl] not validated (not a local file): {path}")
+            continue
+        report = validate_parquet(str(path), expert_key=cfg.expert_key, needs_expert=cfg.needs_expert_column,
+                                  image_key=config.data.get("image_key", "images"),
+                                  prompt_key=config.data.get("prompt_key", "prompt"))
+        print(report.summary())
+
+
 def run(config: DictConfig) -> None:
     """verl's own main_ppo path (device, validation, Ray, TaskRunnerV1) on the prepared config."""
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
@@ -76,7 +93,8 @@ def run(config: DictConfig) -> None:
 
 @hydra.main(config_path="config", config_name="calibrl_trainer", version_base=None)
 def main(config: Any) -> None:
-    prepare_config(config)
+    cfg = prepare_config(config)
+    validate_train_data(config, cfg)
     run(config)
 
 

@@ -85,3 +85,24 @@ def test_trainer_registers_through_verl_plugin_loading_only_when_asked(flag, exp
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["calibrl"] == expected
+
+
+def test_training_files_are_validated_on_the_driver_before_ray(tmp_path, capsys):
+    import pandas as pd
+
+    from calibrl_verl.data.validate import DataValidationError
+    from calibrl_verl.main_calibrl import validate_train_data
+    from calibrl_verl.tiny.task import make_items, write_parquet
+
+    good = write_parquet(make_items(4, 0, "train"), "train", tmp_path / "good.parquet")
+    cfg = _compose(f"data.train_files=[{good}]")
+    validate_train_data(cfg, prepare_config(cfg))
+    assert "good.parquet" in capsys.readouterr().out
+    frame = pd.read_parquet(good)
+    frame["reward_model"] = [{"style": "rule", "ground_truth": "" if i == 2 else rm["ground_truth"]}
+                             for i, rm in enumerate(frame["reward_model"])]
+    bad = tmp_path / "bad.parquet"
+    frame.to_parquet(bad)
+    cfg = _compose(f"data.train_files=[{good},{bad}]")
+    with pytest.raises(DataValidationError, match=r"bad.parquet.*row 2"):
+        validate_train_data(cfg, prepare_config(cfg))
