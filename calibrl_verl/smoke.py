@@ -38,8 +38,8 @@ def recipe_overrides(assets: Path, out: Path, steps: int, loss_mode: str, device
         f"actor_rollout_ref.rollout.n={n}", "actor_rollout_ref.rollout.temperature=1.0",
         "actor_rollout_ref.rollout.calculate_log_probs=true",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS_PER_STEP}",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.actor.optim.lr=5e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.0",
         f"calibrl.loss_mode={loss_mode}",
         "trainer.logger=[console,file]", "trainer.project_name=calibrl_tiny", f"trainer.experiment_name={loss_mode}",
@@ -105,16 +105,23 @@ def check(path: Path, steps: int, loss_mode: str) -> list[tuple[bool, str]]:
     if loss_mode == "grpo":
         results.append((all("calibrl/guide_loss" not in d for d in data), "no guide loss in the GRPO baseline"))
         return results
+    results += [(all(d.get("calibrl/expert_groups_frac") == 1.0 for d in data),
+                 "an expert row in every group, every step"),
+                ("calibrl/expert_reward_mean" in last,
+                 f"expert reward logged: {last.get('calibrl/expert_reward_mean')}")]
+    if loss_mode in ("luffy", "rlplus"):
+        shaped = [d.get(f"calibrl/{loss_mode}_expert_loss", float("nan")) for d in data]
+        results.append((all(math.isfinite(v) for v in shaped) and any(v != 0 for v in shaped),
+                        f"expert tokens trained off-policy, loss finite and non-zero: {shaped}"))
+        return results
     guide = [d.get("calibrl/guide_loss", float("nan")) for d in data]
     gate = [d.get("calibrl/gate_full_frac", float("nan")) for d in data]
     results += [
-        (all(d.get("calibrl/expert_groups_frac") == 1.0 for d in data), "an expert row in every group, every step"),
         (all(math.isfinite(g) for g in guide) and any(g != 0 for g in guide), f"guide loss finite, non-zero: {guide}"),
         (all(0.0 < g < 1.0 for g in gate), f"gate fraction inside (0, 1): {gate}"),
         (all(d.get("calibrl/update_rows", 0) == PROMPTS_PER_STEP * N_ONPOLICY for d in data),
          f"expert rows excluded from the update: {[d.get('calibrl/update_rows') for d in data]} rows "
          f"(= {PROMPTS_PER_STEP} prompts x {N_ONPOLICY} samples)"),
-        ("calibrl/expert_reward_mean" in last, f"expert reward logged: {last.get('calibrl/expert_reward_mean')}"),
     ]
     return results
 

@@ -182,7 +182,7 @@ def _offpolicy_loss(name, token_loss_fn, old_log_prob, log_prob, advantages, res
     pg_loss, metrics = _ppo_surrogate(old_log_prob, log_prob, advantages, mask & ~expert_rows, loss_agg_mode,
                                       config, rollout_is_weights, info)
     expert_loss = core_algos.aggregate_loss(token_loss_fn(), mask & expert_rows, loss_agg_mode, **info)
-    metrics[f"calibrl/{name}_expert_loss"] = expert_loss.detach().item()
+    metrics[f"calibrl/{name}_expert_loss"] = _micro_batch_mean(expert_loss, info, response_mask, loss_agg_mode)
     return pg_loss + expert_loss, metrics
 
 

@@ -22,6 +22,7 @@ stages overridden, each calling verl's own implementation for the work verl alre
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -130,7 +131,9 @@ class CalibRLTrainer(PPOTrainerSync):
         every rank, while the full batch (experts included) must split evenly over the dp ranks.
         """
         if self._balance_target is None:
-            return super()._get_required_batch_multiple(dp_size)
+            multiple = super()._get_required_batch_multiple(dp_size)
+            # groups of n or n - k rows (mixing, missing experts): also whole log-prob micro-batches per rank
+            return math.lcm(multiple, dp_size * self._log_prob_micro_batch()) if self.calibrl.n_expert else multiple
         n_on, n_expert = self._balance_target
         mini = int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size) * self.n_onpolicy
         p_update, p_total = update_padding(n_on, n_expert, dp_size, mini, dp_size * self._log_prob_micro_batch())
