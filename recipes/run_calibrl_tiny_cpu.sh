@@ -18,5 +18,7 @@ LOSS_MODE="${LOSS_MODE:-calibrl}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import calibrl_verl, verl" 2>/dev/null; then
   VENV="$VENV" bash "$ROOT/scripts/setup_cpu.sh"
 fi
+# A fresh run each time (a re-run would otherwise resume from the last checkpoint and train nothing);
+# pass trainer.resume_mode=auto to continue a previous run instead.
 exec "$VENV/bin/python" -m calibrl_verl.smoke run --device cpu --out "$OUT" --steps "$STEPS" \
-  --loss-mode "$LOSS_MODE" "$@"
+  --loss-mode "$LOSS_MODE" trainer.resume_mode=disable "$@"
