@@ -20,6 +20,7 @@ from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, register_ad
 
 from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig
+from calibrl_verl.integration.step_fields import active_expert_advantage
 
 ADV_ESTIMATOR = "calibrl"
 POLICY_LOSSES = ("calibrl", "luffy", "rlplus")
@@ -79,13 +80,8 @@ def calibrl_advantage_estimator(
     )
     expert_rows = extras.get("expert_rows")
     if expert_rows is not None:
-        real = ~torch.as_tensor(extras["is_padding"]).bool()
-        a_e = torch.zeros_like(adv)
-        a_e[real] = core_algos.compute_expert_advantage(
-            token_level_rewards[real], response_mask[real], np.asarray(index, dtype=object)[real.numpy()],
-            torch.as_tensor(is_expert).bool()[real], norm_adv_by_std=norm_adv_by_std, epsilon=epsilon,
-        ).to(adv.dtype)
-        adv = adv + a_e * torch.as_tensor(expert_rows).bool().unsqueeze(-1).to(adv.dtype)
+        adv = adv + active_expert_advantage(token_level_rewards, response_mask, index, is_expert,
+                                            extras["is_padding"], expert_rows, norm_adv_by_std, epsilon).to(adv.dtype)
     return adv, adv
 
 

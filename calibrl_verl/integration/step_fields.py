@@ -118,20 +118,26 @@ def compute_step_fields(cfg: CalibRLConfig, rows: StepRows) -> StepFields:
     expert_log_prob = torch.where(expert_mask, rows.old_log_probs[src].float(), 0.0)
     active_expert = rows.is_expert & ~rows.is_padding & keep
     if cfg.loss_mode in ("luffy", "rlplus"):
-        adv = adv + _expert_advantage(cfg, rows, token_rewards) * active_expert.unsqueeze(-1)
+        adv = adv + active_expert_advantage(token_rewards, rows.response_mask, rows.uids, rows.is_expert,
+                                            rows.is_padding, active_expert, cfg.norm_adv_by_std)
     return StepFields(adv, expert_log_prob, expert_mask, correct, active_expert,
                       step_metrics(rows, adv, keep, correct))
 
 
-def _expert_advantage(cfg: CalibRLConfig, rows: StepRows, token_rewards: torch.Tensor) -> torch.Tensor:
-    """A_e for expert rows (LUFFY / RL-PLUS), with group statistics over the real on-policy rows only."""
-    real = ~rows.is_padding
+def active_expert_advantage(token_rewards: torch.Tensor, response_mask: torch.Tensor, uids: np.ndarray,
+                            is_expert: torch.Tensor, is_padding: torch.Tensor, active: torch.Tensor,
+                            norm_adv_by_std: bool, epsilon: float = 1e-6) -> torch.Tensor:
+    """A_e on the active expert rows (LUFFY / RL-PLUS), 0 elsewhere; group statistics over real on-policy rows.
+
+    verl's padding rows copy row 0's uid, so they are removed before the statistics are taken.
+    """
+    real = ~torch.as_tensor(is_padding).bool()
     out = torch.zeros_like(token_rewards)
     out[real] = core_algos.compute_expert_advantage(
-        token_rewards[real], rows.response_mask[real], rows.uids[real.numpy()], rows.is_expert[real],
-        norm_adv_by_std=cfg.norm_adv_by_std,
+        token_rewards[real], response_mask[real], np.asarray(uids, dtype=object)[real.numpy()],
+        torch.as_tensor(is_expert).bool()[real], norm_adv_by_std=norm_adv_by_std, epsilon=epsilon,
     ).to(out.dtype)
-    return out
+    return out * torch.as_tensor(active).bool().unsqueeze(-1).to(out.dtype)
 
 
 def step_metrics(rows: StepRows, adv: torch.Tensor, keep: torch.Tensor, correct: torch.Tensor) -> dict[str, Any]:
