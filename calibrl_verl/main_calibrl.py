@@ -9,12 +9,16 @@ things done first, on the driver, before Ray or any GPU starts:
    fallbacks such as rows without an expert are printed once);
 2. the verl keys that follow from ``calibrl.loss_mode`` are derived (estimator, policy loss, the agent-loop
    file), so one switch selects CalibRL or a baseline;
-3. ``CALIBRL_REGISTER_TRAINER=1`` is exported (also into Ray's runtime env) so that verl's plugin loading
+3. with ``calibrl.reward_guard`` the configured reward function is wrapped (``integration/reward_guard.py``:
+   a sample whose reward raises or is NaN scores 0 and is counted); the function is loaded here first, so a
+   wrong ``reward.custom_reward_function`` path fails before Ray starts;
+4. ``CALIBRL_REGISTER_TRAINER=1`` is exported (also into Ray's runtime env) so that verl's plugin loading
    registers our trainer in the Ray TaskRunner process, where verl looks it up.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from importlib import resources
 from typing import Any
@@ -46,8 +50,45 @@ def prepare_config(config: DictConfig) -> CalibRLConfig:
         config.trainer.v1.trainer_mode = "calibrl"
         if not rollout.agent.get("agent_loop_config_path"):
             rollout.agent.agent_loop_config_path = str(resources.files("calibrl_verl") / "config" / "agent_loops.yaml")
+        if cfg.reward_guard:
+            install_reward_guard(config)
         _forward_env(config)
     return cfg
+
+
+def install_reward_guard(config: DictConfig) -> None:
+    """Point verl's reward loop at the guard, with the user's function passed on as two ``reward_kwargs``.
+
+    Nothing to wrap without a custom function (verl then scores with its built-in rules or a reward model).
+    verl's legacy top-level ``custom_reward_function`` key is moved under ``reward`` first, as verl's reward
+    loop would do later, so the guard wraps it too. Idempotent.
+    """
+    with open_dict(config):
+        _install_reward_guard(config)
+
+
+def _install_reward_guard(config: DictConfig) -> None:
+    from calibrl_verl.integration import reward_guard as guard
+
+    legacy = config.get("custom_reward_function")
+    if legacy is not None and legacy.get("path"):
+        config.reward.custom_reward_function = legacy
+        config.custom_reward_function = {key: None for key in legacy}
+    fn_cfg = config.reward.custom_reward_function
+    path, name = fn_cfg.get("path"), fn_cfg.get("name") or "compute_score"
+    if not path or path == guard.GUARD_PATH:
+        return
+    try:
+        inner = guard.load_inner(str(path), str(name))
+    except Exception as err:
+        raise CalibRLConfigError(
+            f"reward.custom_reward_function: cannot load {name!r} from {path!r}: {type(err).__name__}: {err}"
+        ) from err
+    kwargs = dict(fn_cfg.get("reward_kwargs") or {})
+    kwargs.update({guard.INNER_PATH_KEY: str(path), guard.INNER_NAME_KEY: str(name)})
+    fn_cfg.path = guard.GUARD_PATH
+    fn_cfg.name = "guarded_score_async" if inspect.iscoroutinefunction(inner) else "guarded_score"
+    fn_cfg.reward_kwargs = kwargs
 
 
 def _forward_env(config: DictConfig) -> None:

@@ -14,12 +14,17 @@ prints one PASS/FAIL line per property; it exits non-zero on any FAIL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from calibrl_verl import tiny
 
@@ -27,8 +32,12 @@ N_ONPOLICY = 4
 PROMPTS_PER_STEP = 4
 
 
-def recipe_overrides(assets: Path, out: Path, steps: int, loss_mode: str, device: str) -> list[str]:
-    """The tiny recipe: 4 prompts x (4 samples + 1 expert), short responses, a checkpoint at the last step."""
+def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, device: str,
+                     save_freq: int | None = None) -> list[str]:
+    """The tiny recipe: 4 prompts x (4 samples + 1 expert), short responses, checkpoints in ``run_dir``.
+
+    A checkpoint is saved every ``save_freq`` steps (default: at the last step only).
+    """
     n = N_ONPOLICY + (0 if loss_mode == "grpo" else 1)
     args = [
         f"data.train_files={tiny.train_files(assets)}", f"data.val_files={tiny.val_files(assets)}",
@@ -42,15 +51,106 @@ def recipe_overrides(assets: Path, out: Path, steps: int, loss_mode: str, device
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.actor.optim.lr=5e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.0",
         f"calibrl.loss_mode={loss_mode}",
-        "trainer.logger=[console,file]", "trainer.project_name=calibrl_tiny", f"trainer.experiment_name={loss_mode}",
-        f"trainer.default_local_dir={out / loss_mode / 'checkpoints'}", f"trainer.total_training_steps={steps}",
-        f"trainer.save_freq={steps}", "trainer.test_freq=-1", "trainer.val_before_train=false",
+        "trainer.logger=[console,file]", "trainer.project_name=calibrl_tiny",
+        f"trainer.experiment_name={run_dir.name}", f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        f"trainer.total_training_steps={steps}", f"trainer.save_freq={save_freq or steps}",
+        "trainer.max_actor_ckpt_to_keep=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
         "trainer.resume_mode=auto",
     ]
     if device == "gpu":
         args += ["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
                  "trainer.n_gpus_per_node=1", "trainer.nnodes=1"]
     return args
+
+
+TAG_ENV = "CALIBRL_LAUNCH_TAG"
+
+
+@dataclass
+class Launch:
+    """A running ``main_calibrl`` process: its metrics/log paths and the tag every process of its Ray cluster
+    inherits in its environment (``kill`` finds them by it)."""
+
+    proc: subprocess.Popen
+    metrics: Path
+    log_path: Path
+    tag: str
+    log_file: Any
+
+    def wait(self, timeout: int | None = None) -> Path:
+        """Wait for the exit; returns the metrics path. Raises on a non-zero exit, quoting the end of the log."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            self.log_file.close()
+        if code != 0:
+            raise RuntimeError(f"training exited {code}; last lines of {self.log_path}:\n"
+                               f"{self.log_path.read_text()[-4000:]}")
+        return self.metrics
+
+    def kill(self) -> int:
+        """SIGKILL the launch and every process of its Ray cluster (a pre-emption); returns how many died.
+
+        Ray's raylet and workers are not children of one process group, but all inherit the driver's
+        environment, so they are found by ``TAG_ENV`` in ``/proc/<pid>/environ`` (Linux).
+        """
+        pids = {self.proc.pid} | set(tagged_pids(self.tag))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        return len(pids)
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment holds ``TAG_ENV=tag``."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+    return found
+
+
+def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics") -> Launch:
+    """Start ``python -m calibrl_verl.main_calibrl`` with ``overrides``, logging into ``run_dir``.
+
+    Writes ``run_dir/<name>.jsonl`` (verl's file logger, which starts its file afresh on every launch, hence one
+    name per launch) and ``run_dir/<name>.log``.
+    """
+    metrics = run_dir / f"{name}.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{run_dir.name}-{name}-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "PYTHONUNBUFFERED": "1", TAG_ENV: tag}
+    cmd = [sys.executable, "-m", "calibrl_verl.main_calibrl", *overrides]
+    if device == "cpu":
+        from calibrl_verl.cpu import cpu_env, cpu_overrides
+
+        env.update(cpu_env())
+        # the CPU backend's placement keys go first, so ``overrides`` can still change any of them
+        cmd[3:3] = cpu_overrides()
+    log_path = run_dir / f"{name}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed by Launch.wait
+    proc = subprocess.Popen(cmd, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)
+    return Launch(proc, metrics, log_path, tag, log)
+
+
+def launch(run_dir: Path, overrides: list[str], device: str, name: str = "metrics",
+           timeout: int | None = None) -> Path:
+    """``start`` and wait: one whole launch; returns the metrics JSONL path, raises on a non-zero exit."""
+    return start(run_dir, overrides, device, name).wait(timeout)
+
+
+def ensure_assets(assets: Path, **build_kwargs: int) -> Path:
+    """Build the tiny model and data into ``assets`` unless a finished build is already there."""
+    if not (assets / "build_info.json").exists():
+        args = [f"--{key.replace('_', '-')}={value}" for key, value in build_kwargs.items()]
+        subprocess.run([sys.executable, "-m", "calibrl_verl.tiny.build", "--out", str(assets), *args], check=True)
+    return assets
 
 
 def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str], timeout: int | None = None,
@@ -62,28 +162,13 @@ def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str], ti
     starts its file afresh on every launch.
     """
     out = out.resolve()
-    assets = out / "assets"
-    if not (assets / "build_info.json").exists():
-        subprocess.run([sys.executable, "-m", "calibrl_verl.tiny.build", "--out", str(assets)], check=True)
-    metrics = out / loss_mode / f"{name}.jsonl"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "calibrl_verl.main_calibrl", *recipe_overrides(assets, out, steps, loss_mode, device)]
-    if device == "cpu":
-        from calibrl_verl.cpu import cpu_env, cpu_overrides
-
-        env.update(cpu_env())
-        cmd += cpu_overrides()
-    cmd += extra
-    log_path = out / loss_mode / f"{name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, env=env, cwd=out, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training exited {proc.returncode}; last lines of {log_path}:\n"
-                           f"{log_path.read_text()[-4000:]}")
+    assets = ensure_assets(out / "assets")
+    run_dir = out / loss_mode
+    overrides = recipe_overrides(assets, run_dir, steps, loss_mode, device) + extra
+    metrics = launch(run_dir, overrides, device, name=name, timeout=timeout)
     from calibrl_verl.plots import main as plot
 
-    plot([str(metrics), "--out", str(out / loss_mode / "curves.png")])
+    plot([str(metrics), "--out", str(run_dir / "curves.png")])
     return metrics
 
 

@@ -106,6 +106,33 @@ def test_splitting_a_mini_batch_into_micro_batches_gives_the_same_gradient():
     assert g_whole.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["calibrl", "luffy", "rlplus"])
+def test_loss_term_metrics_do_not_depend_on_the_micro_batch_split(mode):
+    """Aggregated the way verl aggregates micro-batch metrics, the logged loss term is the mini-batch mean for
+    any split of the rows (a resumed run splits them differently from the uninterrupted one)."""
+    from verl.utils.metric import Metric
+
+    per_row, log_probs, p, _ = _step(3)
+    n_tokens = float(p["mask"].sum())
+    cfg = CalibRLConfig(loss_mode=mode)
+    key = "calibrl/guide_loss" if mode == "calibrl" else f"calibrl/{mode}_expert_loss"
+
+    def logged(splits: list[slice]) -> tuple[float, float]:
+        merged: dict[str, Metric] = {}
+        for rows in splits:
+            parts = list(log_probs.unbind())[rows]
+            _, metrics = calibrl_actor_loss(_config(mode), {"log_probs": _nested(parts)},
+                                            _data(per_row, rows, n_tokens), calibrl=cfg)
+            for name in (key, "actor/pg_loss"):
+                merged.setdefault(name, Metric(aggregation=metrics[name].aggregation)).extend(metrics[name])
+        return merged[key].aggregate(), merged["actor/pg_loss"].aggregate()
+
+    whole = logged([slice(0, 4)])
+    assert whole[0] != 0.0
+    for splits in ([slice(0, 1), slice(1, 4)], [slice(0, 3), slice(3, 4)], [slice(i, i + 1) for i in range(4)]):
+        assert logged(splits) == pytest.approx(whole, rel=1e-5), splits
+
+
 @pytest.mark.parametrize("mode", ["luffy", "rlplus"])
 def test_offpolicy_baselines_read_the_expert_flag_from_the_micro_batch(mode):
     per_row, log_probs, p, new_resp = _step(2)

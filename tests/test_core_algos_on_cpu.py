@@ -243,6 +243,35 @@ def test_bf16_and_fp32_agree():
         assert half.item() == pytest.approx(full.item(), rel=2e-2, abs=1e-3)
 
 
+def test_bf16_extremes_never_overflow_the_gap():
+    """bf16 log-probs at the edge of the format (-inf, -3e38, -1e30 experts) over long responses: the gap is
+    formed in float32 after the floor, so loss, gradient and metrics stay finite, and a bf16 input gives
+    exactly the result of its float32 copy (no bf16 accumulation of 8k-token sums anywhere)."""
+    T = 8192
+    lp = torch.full((4, T), -30.0)
+    lp[0, :10] = -float("inf")
+    lp[1] = -3.0e38
+    lp[3] = -0.01
+    elp = torch.full((4, T), -0.5)
+    elp[2] = -1.0e30
+    elp[3, T // 2:] = -float("inf")
+    emask = torch.ones(4, T, dtype=torch.bool)
+    adv = torch.tensor([[2.0], [-2.0], [1.0], [-1.0]]).expand(4, T)
+    correct = torch.tensor([True, False, True, False])
+    resp = torch.ones(4, T)
+    for gap, norm in [("token", "sum"), ("sequence", "sum"), ("sequence", "mean")]:
+        results = []
+        for dtype in (torch.bfloat16, torch.float32):
+            x = lp.bfloat16().to(dtype).requires_grad_()
+            loss, metrics = ca.compute_calibrl_guide_loss(x, elp.bfloat16().to(dtype), emask, adv.to(dtype), correct,
+                                                          resp.to(dtype), gap=gap, sequence_norm=norm)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), (gap, norm, dtype)
+            assert all(math.isfinite(v) for v in metrics.values()), metrics
+            results.append(loss.item())
+        assert results[0] == results[1], (gap, norm, results)
+
+
 def test_invalid_modes_are_rejected_with_the_key_name():
     args = (torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1).bool(), torch.ones(1, 1), torch.ones(1).bool(),
             torch.ones(1, 1))

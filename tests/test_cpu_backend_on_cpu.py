@@ -458,6 +458,41 @@ def test_lifecycle_calls_are_noops(tiny: SimpleNamespace) -> None:
     assert server.global_steps == 3
 
 
+def test_sampling_is_reproducible_per_request_whatever_the_arrival_order(tiny: SimpleNamespace) -> None:
+    """A resumed run must sample what the uninterrupted run sampled: seeds follow the request, not the order."""
+    prompt_a = _text_prompt(tiny)
+    prompt_b = prompt_a[:-1] + [prompt_a[-2]]  # a different request
+
+    async def serve(order: list[list[int]], version: int) -> list[tuple[int, ...]]:
+        server = _server(tiny.text_dir, response_length=12)
+        await server.set_global_steps(version)
+        outs = [await server.generate(p, _sampling(), request_id=str(i)) for i, p in enumerate(order)]
+        return [tuple(o.token_ids) for o in outs]
+
+    first = asyncio.run(serve([prompt_a, prompt_a, prompt_b, prompt_a], version=2))
+    shuffled = asyncio.run(serve([prompt_b, prompt_a, prompt_a, prompt_a], version=2))
+    # the k-th copy of a request gets the same sample in both orders; different copies differ
+    assert first[0:2] + [first[3]] == shuffled[1:4]
+    assert first[2] == shuffled[0]
+    assert len({first[0], first[1], first[3]}) > 1
+    # new weights (the next step) draw new samples for the same request
+    assert asyncio.run(serve([prompt_a, prompt_a, prompt_b, prompt_a], version=3)) != first
+
+
+def test_request_digest_tells_images_apart() -> None:
+    from PIL import Image
+
+    from calibrl_verl.cpu.hf_server import request_digest, request_seed
+
+    red, blue = Image.new("RGB", (28, 28), (255, 0, 0)), Image.new("RGB", (28, 28), (0, 0, 255))
+    assert request_digest([1, 2, 3], [red]) != request_digest([1, 2, 3], [blue])
+    assert request_digest([1, 2, 3], [red]) == request_digest([1, 2, 3], [red.copy()])
+    digest = request_digest([1, 2, 3], None)
+    seeds = {request_seed(0, 1, digest, 0), request_seed(1, 1, digest, 0), request_seed(0, 2, digest, 0),
+             request_seed(0, 1, digest, 1)}
+    assert len(seeds) == 4 and request_seed(0, 1, digest, 0) == request_seed(0, 1, digest, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # all seams through verl's own lookups, in a fresh interpreter (started by the module fixture)
 # ---------------------------------------------------------------------------------------------------------

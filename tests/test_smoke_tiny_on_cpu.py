@@ -1,21 +1,35 @@
-"""CI smoke test: the real CalibRL recipe, end to end, on a tiny Qwen2.5-VL on CPU.
+"""CI smoke tests: the real CalibRL recipe, end to end, on a tiny Qwen2.5-VL on CPU.
 
 verl 0.9.1's real trainer runs here (Ray, TransferQueue, the FSDP2 engine worker, the agent loop with our
 expert hook, the reward loop, checkpointing). The rollout engine is transformers `generate` behind verl's
 rollout-server interface (calibrl_verl.cpu), NOT vLLM: the vLLM path is covered by recipes/gpu_smoke.sh.
-Select with `-m smoke`, skip with `-m "not smoke"`. About 2 minutes per launch on 2 cores.
+Select with `-m smoke`, skip with `-m "not smoke"`. About 2 minutes per launch on 2 cores; 5 launches.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
+from pathlib import Path
 
 import pytest
 
 from calibrl_verl import smoke
+from calibrl_verl.study import grid, report
 
 pytestmark = pytest.mark.smoke
 TIMEOUT = 1200
+# the resume scenario exercises every piece of CalibRL state: shuffled data order, random expert mixing
+# (seeded draws), a GRPO warm-up step, seeded rollouts
+RESUME_OVERRIDES = ["data.shuffle=true", "data.seed=7", "actor_rollout_ref.rollout.seed=7", "calibrl.seed=7",
+                    "calibrl.mix_policy=random", "calibrl.mix_ratio=0.5", "calibrl.warmup_grpo_steps=1"]
+# metrics that measure time or memory, not the step's computation
+UNTIMED = ("timing_s/", "timing_per_token_ms/", "perf/", "actor/perf/")
+# ratios verl (and we) average per micro-batch: they depend on which rows share a micro-batch, and row order
+# follows request arrival, so they are compared only in the step's own exactly aggregated metrics
+SPLIT_DEPENDENT = {"calibrl/gate_full_frac", "calibrl/gap_mean", "calibrl/guided_frac", "actor/pg_clipfrac",
+                   "actor/pg_clipfrac_lower", "actor/ppo_kl"}
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +43,88 @@ def _assert_checks(metrics, steps, loss_mode):
     assert not failed, failed
 
 
-def _logged_steps(path) -> list[int]:
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+def test_fast_toy_study_runs_logs_plots_and_tabulates(out: Path) -> None:
+    """The study's fast preset (GRPO and CalibRL, 2 steps, 1 seed) through the grid, then the report."""
+    cfg = grid.PRESETS["fast"]
+    records = grid.run_grid(out / "study", cfg)
+    assert [r.get("error") for r in records] == [None, None]
+    runs = out / "study" / "runs"
+    _assert_checks(runs / "grpo" / "seed0" / "launch1.jsonl", 2, "grpo")
+    _assert_checks(runs / "calibrl_a0.5" / "seed0" / "launch1.jsonl", 2, "calibrl")
+    steps = grid.read_run(runs / "calibrl_a0.5" / "seed0")
+    assert sorted(steps) == [0, 1, 2]  # validation before training, then 2 steps (validated at the last)
+    assert all(d["calibrl/reward_faults"] == 0 and d["calibrl/skipped_update"] == 0
+               for s, d in steps.items() if s > 0)
+    summary = report.write_report(out / "study", out / "report")
+    for name in ("accuracy", "entropy", "guide_loss", "gate_fraction", "train_reward"):
+        assert (out / "report" / f"{name}.png").stat().st_size > 10_000, name
+    table = (out / "report" / "results.md").read_text()
+    assert "| GRPO | 1 |" in table and "| CalibRL alpha=0.5 | 1 |" in table
+    for method in ("grpo", "calibrl_a0.5"):
+        assert 0.0 <= summary[method]["acc_end"][0] <= 1.0 and math.isfinite(summary[method]["entropy_end"][0])
+    # a second invocation finds the grid finished and launches nothing
+    before = (runs / "grpo" / "seed0" / "attempts.json").read_text()
+    assert grid.run_grid(out / "study", cfg) == records
+    assert (runs / "grpo" / "seed0" / "attempts.json").read_text() == before
 
 
-def test_calibrl_recipe_trains_checkpoints_and_resumes(out):
-    metrics = smoke.run(out, steps=2, loss_mode="calibrl", device="cpu", extra=[], timeout=TIMEOUT)
-    _assert_checks(metrics, 2, "calibrl")
-    assert (out / "calibrl" / "checkpoints" / "global_step_2").is_dir()
-    assert (out / "calibrl" / "curves.png").stat().st_size > 10_000
-    # a second launch with a longer run picks up verl's checkpoint: it trains step 3 only
-    resumed = smoke.run(out, steps=3, loss_mode="calibrl", device="cpu", extra=[], timeout=TIMEOUT, name="resumed")
-    assert _logged_steps(resumed) == [3]
-    _assert_checks(resumed, 1, "calibrl")
-    assert (out / "calibrl" / "checkpoints" / "global_step_3").is_dir()
+def _resume_overrides(assets: Path, rdir: Path, save_freq: int) -> list[str]:
+    return (smoke.recipe_overrides(assets, rdir, 3, "calibrl", "cpu", save_freq=save_freq) + RESUME_OVERRIDES
+            + [f"trainer.rollout_data_dir={rdir / 'rollouts'}"])
 
 
-def test_grpo_baseline_runs_from_the_same_recipe(out):
-    metrics = smoke.run(out, steps=2, loss_mode="grpo", device="cpu", extra=[], timeout=TIMEOUT)
-    _assert_checks(metrics, 2, "grpo")
+def _step(path: Path, step: int) -> dict[str, float]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next(r["data"] for r in records if r["step"] == step)
+
+
+def _rollouts(rdir: Path, step: int) -> list[tuple]:
+    """The step's dumped generations as a sorted multiset (uids are random per run, so row order is not)."""
+    rows = [json.loads(line) for line in (rdir / "rollouts" / f"{step}.jsonl").read_text().splitlines()]
+    return sorted((r["input"], r["output"], r["gts"], round(r["score"], 6)) for r in rows)
+
+
+def _wait_for_checkpoint(launch: smoke.Launch, ckpt_dir: Path, step: int, timeout: float = 900) -> None:
+    tracker = ckpt_dir / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if tracker.exists() and tracker.read_text().strip() == str(step):
+            return
+        if launch.proc.poll() is not None:
+            pytest.fail(f"the run ended before checkpointing step {step}: {launch.log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    launch.kill()
+    pytest.fail(f"no checkpoint of step {step} within {timeout} s")
+
+
+def test_killed_run_resumes_to_the_same_next_step(out: Path) -> None:
+    """Kill a run after step 2's checkpoint, resume it: step 3 equals step 3 of an uninterrupted run."""
+    assets = smoke.ensure_assets(out / "assets")
+    straight = out / "straight"
+    smoke.launch(straight, _resume_overrides(assets, straight, save_freq=3), "cpu", timeout=TIMEOUT)
+
+    killed = out / "killed"
+    first = smoke.start(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch1")
+    _wait_for_checkpoint(first, killed / "checkpoints", 2)
+    assert first.kill() > 3  # the driver and its Ray cluster (raylet, workers), all SIGKILLed
+    assert smoke.tagged_pids(first.tag) == []
+    assert not (killed / "checkpoints" / "global_step_3").exists()
+    resumed = smoke.launch(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch2",
+                           timeout=TIMEOUT)
+
+    assert [json.loads(line)["step"] for line in resumed.read_text().splitlines() if line.strip()] == [3]
+    a, b = _step(straight / "metrics.jsonl", 3), _step(resumed, 3)
+    # the CalibRL state: past the warm-up in both, and the same seeded mixing draw
+    assert a["calibrl/expert_groups_frac"] == b["calibrl/expert_groups_frac"]
+    assert _step(straight / "metrics.jsonl", 1).get("calibrl/expert_groups_frac", 0.0) == 0.0  # warm-up step
+    # the data order and the sampled responses: the same prompts, answers, responses and rewards
+    assert _rollouts(killed, 3) == _rollouts(straight, 3)
+    # the update itself: loss, guide term, gradient norm, entropy, rewards, lengths, ... (rows may be summed in
+    # another order, hence a float tolerance rather than bit equality)
+    keys = sorted(k for k in a if not k.startswith(UNTIMED))
+    assert keys == sorted(k for k in b if not k.startswith(UNTIMED))
+    assert {"actor/pg_loss", "calibrl/guide_loss", "actor/grad_norm", "actor/entropy"} <= set(keys)
+    mismatched = {k: (a[k], b[k]) for k in set(keys) - SPLIT_DEPENDENT
+                  if not a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)}
+    assert not mismatched, mismatched
+    assert (killed / "checkpoints" / "global_step_3").is_dir()

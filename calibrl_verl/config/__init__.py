@@ -45,6 +45,7 @@ class CalibRLConfig:
     warmup_grpo_steps: int = 0
     expert_overlong: str = "truncate"
     seed: int = 0
+    reward_guard: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_rate_range", tuple(float(x) for x in self.pass_rate_range))
@@ -78,8 +79,9 @@ class CalibRLConfig:
             raise CalibRLConfigError(
                 f"calibrl.pass_rate_range={[lo, hi]} must satisfy 0 <= lo <= hi <= 1 (pass rates are fractions)"
             )
-        if not isinstance(self.norm_adv_by_std, bool):
-            raise CalibRLConfigError(f"calibrl.norm_adv_by_std={self.norm_adv_by_std!r} must be true or false")
+        for key in ("norm_adv_by_std", "reward_guard"):
+            if not isinstance(getattr(self, key), bool):
+                raise CalibRLConfigError(f"calibrl.{key}={getattr(self, key)!r} must be true or false")
 
     def _check_combinations(self) -> None:
         if self.loss_mode in EXPERT_LOSS_MODES and self.experts_per_group == 0:

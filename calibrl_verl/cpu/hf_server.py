@@ -13,11 +13,18 @@ agent loop, reward loop and trainer run unchanged on top of it.
 Log-probs are ``log_softmax(raw_logits / T)`` of the sampled token, the quantity verl's actor computes
 for ``old_log_probs`` (it also divides by the rollout temperature), so rollout-vs-actor log-prob metrics
 compare like with like. Greedy requests (T = 0) report T = 1 log-probs.
+
+Sampling is reproducible request by request: each request is sampled with its own seed derived from
+``rollout.seed``, the served weight version (verl's ``global_steps``), the prompt tokens and image pixels, and
+how many identical requests this version has already served (``request_seed``). Arrival order, which verl's
+async agent loop does not fix, does not matter, and a run resumed from a checkpoint samples what the
+uninterrupted run sampled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +113,35 @@ def _as_list(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+def _image_fingerprint(image: Any) -> bytes:
+    """Bytes that identify an image's content (PIL image, array or tensor) for ``request_seed``."""
+    if hasattr(image, "tobytes") and hasattr(image, "size") and hasattr(image, "mode"):  # PIL
+        return f"{image.mode}{image.size}".encode() + image.tobytes()
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().contiguous().numpy().tobytes()
+    if hasattr(image, "tobytes"):
+        return image.tobytes()
+    return repr(image).encode()
+
+
+def request_digest(prompt_ids: Sequence[int], images: Sequence[Any] | None) -> bytes:
+    """What a request asks for: its prompt tokens and image contents (two images may share prompt tokens)."""
+    h = hashlib.sha256(",".join(str(int(t)) for t in prompt_ids).encode())
+    for image in images or ():
+        h.update(_image_fingerprint(image))
+    return h.digest()
+
+
+def request_seed(base_seed: int, weight_version: int | None, digest: bytes, occurrence: int) -> int:
+    """The sampling seed of one request: the same request under the same weights gets the same seed.
+
+    ``occurrence`` separates the n samples of one prompt (identical requests): the k-th copy served under a
+    weight version gets seed k, whichever copy arrives first, so the group's samples are the same set.
+    """
+    h = hashlib.sha256(f"{base_seed}:{weight_version}:{occurrence}:".encode() + digest)
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
 class HFGenerator:
     """A transformers causal-LM / VL model that samples one sequence per call and reports log-probs."""
 
@@ -143,8 +179,14 @@ class HFGenerator:
         sampling_params: Mapping[str, Any],
         images: Sequence[Any] | None = None,
         mm_processor_kwargs: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> Generation:
-        """Sample one response to ``prompt_ids`` (image placeholders already expanded, as verl sends them)."""
+        """Sample one response to ``prompt_ids`` (image placeholders already expanded, as verl sends them).
+
+        ``seed`` reseeds torch's RNG first (the caller serialises calls, so nothing else draws in between).
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if images:
@@ -246,8 +288,10 @@ class HFRolloutServer:
             seed=int(_cfg(config, "seed", 0)) + replica_rank,
         )
         self.replica_rank = replica_rank
+        self.base_seed = int(_cfg(config, "seed", 0)) + replica_rank
         self.global_steps: int | None = None
         self._lock = asyncio.Lock()
+        self._served: dict[bytes, int] = {}  # request digest -> copies served under the current weights
 
     async def generate(
         self,
@@ -267,8 +311,12 @@ class HFRolloutServer:
         if video_data or audio_data:
             raise NotImplementedError("the hf rollout supports text and images only")
         async with self._lock:
+            digest = request_digest(prompt_ids, image_data)
+            occurrence = self._served.get(digest, 0)
+            self._served[digest] = occurrence + 1
+            seed = request_seed(self.base_seed, self.global_steps, digest, occurrence)
             gen = await asyncio.to_thread(
-                self.generator.generate, list(prompt_ids), sampling_params, image_data, mm_processor_kwargs
+                self.generator.generate, list(prompt_ids), sampling_params, image_data, mm_processor_kwargs, seed
             )
         return TokenOutput(
             token_ids=gen.token_ids,
@@ -281,8 +329,8 @@ class HFRolloutServer:
         """Load the actor's weights (pushed by ``HFServerAdapter``); waits for in-flight generation."""
         async with self._lock:
             loaded = self.generator.load_weights(named_tensors)
-        if global_steps is not None:
-            self.global_steps = global_steps
+            if global_steps is not None:
+                self._set_version(global_steps)
         return loaded
 
     async def named_parameters(self) -> dict[str, torch.Tensor]:
@@ -291,6 +339,13 @@ class HFRolloutServer:
 
     async def set_global_steps(self, global_steps: int) -> None:
         """Version tag reported in every TokenOutput (verl's staleness metrics read it)."""
+        async with self._lock:
+            self._set_version(global_steps)
+
+    def _set_version(self, global_steps: int) -> None:
+        """New weights: the occurrence counts of ``request_seed`` start again."""
+        if global_steps != self.global_steps:
+            self._served.clear()
         self.global_steps = global_steps
 
     # ---- lifecycle calls verl makes on every server; nothing to free or resume on CPU -----------------

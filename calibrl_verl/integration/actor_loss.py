@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict
+from verl.utils.metric import Metric
 from verl.workers.utils.losses import ppo_loss
 
 from calibrl_verl.config import CalibRLConfig
@@ -25,6 +26,8 @@ EXPERT_LOG_PROB = "calibrl_expert_log_prob"  # nested, response-aligned
 EXPERT_MASK = "calibrl_expert_mask"  # nested, response-aligned
 CORRECT = "calibrl_correct"  # (B,)
 IS_EXPERT = "calibrl_is_expert"  # (B,): an active expert row (trained on by luffy / rlplus only)
+# loss-term metrics holding a micro-batch's share of the mini-batch mean (see aggregate_like_pg_loss)
+LOSS_SHARE_METRICS = ("calibrl/guide_loss", "calibrl/luffy_expert_loss", "calibrl/rlplus_expert_loss")
 
 
 def micro_batch_extras(data: TensorDict, cfg: CalibRLConfig) -> dict[str, Any]:
@@ -45,6 +48,27 @@ def calibrl_actor_loss(config: Any, model_output: dict, data: TensorDict, dp_gro
     """verl's ``ppo_loss`` with the CalibRL policy loss (``policy_loss.loss_mode`` = calibrl/luffy/rlplus)."""
     token = LOSS_EXTRAS.set(micro_batch_extras(data, calibrl))
     try:
-        return ppo_loss(config, model_output, data, dp_group)
+        loss, metrics = ppo_loss(config, model_output, data, dp_group)
     finally:
         LOSS_EXTRAS.reset(token)
+    aggregate_like_pg_loss(metrics)
+    return loss, metrics
+
+
+def aggregate_like_pg_loss(metrics: dict[str, Any]) -> None:
+    """Give our loss-term metrics the aggregation verl gives ``actor/pg_loss``.
+
+    verl wraps every metric a policy loss returns as a per-micro-batch MEAN. Our loss terms are normalised like
+    ``pg_loss`` (by the mini-batch's token / response count), so each micro-batch holds a share of the
+    mini-batch mean and verl's rule for ``pg_loss`` applies: SUM the shares under global normalisation. The
+    logged value is then the mini-batch mean, whatever the micro-batch split (a resumed run splits rows
+    differently from the uninterrupted one).
+    """
+    pg = metrics.get("actor/pg_loss")
+    if not isinstance(pg, Metric):
+        return
+    for key in LOSS_SHARE_METRICS:
+        if isinstance(metrics.get(key), Metric):
+            shares = Metric(aggregation=pg.aggregation)
+            shares.extend(list(metrics[key].values))
+            metrics[key] = shares

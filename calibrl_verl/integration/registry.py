@@ -94,27 +94,6 @@ def _global_info(config: Any, response_mask: torch.Tensor) -> dict[str, Any]:
     return info
 
 
-def _micro_batch_mean(loss: torch.Tensor, info: dict[str, Any], mask: torch.Tensor, loss_agg_mode: str,
-                      gap: str = "token") -> float:
-    """The loss as this micro-batch's own mean, for a metric verl averages over micro-batches and ranks.
-
-    With verl's global normalisation a micro-batch's loss is its share of the mini-batch mean (a partial sum);
-    averaging those would divide by the number of micro-batches. Rescaling to the local denominator makes the
-    average the mini-batch mean (exactly so for equal-sized micro-batches).
-    """
-    value = float(loss.detach())
-    dp = float(info.get("dp_size", 1) or 1)
-    if gap == "sequence" or loss_agg_mode.startswith("seq-mean"):
-        glob, local = info.get("global_batch_size"), float(mask.bool().any(-1).sum())
-    elif loss_agg_mode == "token-mean":
-        glob, local = info.get("batch_num_tokens"), float(mask.sum())
-    else:
-        return value
-    if glob is None or local == 0:
-        return value
-    return value * float(glob) / (dp * local)
-
-
 def _ppo_surrogate(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, rollout_is_weights, info):
     """verl's own clipped (dual-clip) PPO surrogate, restricted to ``mask`` (the on-policy tokens).
 
@@ -161,7 +140,9 @@ def calibrl_policy_loss(
         alpha=calibrl.alpha, gap=calibrl.gap, tail=calibrl.tail, sequence_norm=calibrl.sequence_norm,
         loss_agg_mode=loss_agg_mode, **info,
     )
-    metrics["calibrl/guide_loss"] = _micro_batch_mean(guide, info, response_mask, loss_agg_mode, calibrl.gap)
+    # this micro-batch's share of the mini-batch mean (normalised like pg_loss); actor_loss aggregates it like
+    # verl aggregates pg_loss, so the logged value does not depend on how rows were split into micro-batches
+    metrics["calibrl/guide_loss"] = float(guide.detach())
     # rareness_mean is logged by the trainer over the whole step; the rest only the loss can see
     metrics.update({f"calibrl/{k}": v for k, v in guide_metrics.items() if k != "rareness_mean"})
     return pg_loss + calibrl.guide_coef * guide, metrics
@@ -178,7 +159,7 @@ def _offpolicy_loss(name, token_loss_fn, old_log_prob, log_prob, advantages, res
     pg_loss, metrics = _ppo_surrogate(old_log_prob, log_prob, advantages, mask & ~expert_rows, loss_agg_mode,
                                       config, rollout_is_weights, info)
     expert_loss = core_algos.aggregate_loss(token_loss_fn(), mask & expert_rows, loss_agg_mode, **info)
-    metrics[f"calibrl/{name}_expert_loss"] = _micro_batch_mean(expert_loss, info, response_mask, loss_agg_mode)
+    metrics[f"calibrl/{name}_expert_loss"] = float(expert_loss.detach())  # a share, like guide_loss
     return pg_loss + expert_loss, metrics
 
 

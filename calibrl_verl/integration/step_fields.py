@@ -163,3 +163,17 @@ def step_metrics(rows: StepRows, adv: torch.Tensor, keep: torch.Tensor, correct:
             "calibrl/expert_truncated_frac": float(rows.expert_truncated[experts].float().mean()),
         })
     return out
+
+
+def fault_metrics(extra: list[dict], is_padding: list[bool], grad_norm: float | None) -> dict[str, float]:
+    """Counted fallbacks of one step (docs/reliability.md), logged every step so a zero is visible too.
+
+    * ``calibrl/reward_faults``: rows (on-policy and expert) whose reward function raised or returned a
+      non-finite score and were scored 0 by the reward guard (``integration/reward_guard.py``);
+    * ``calibrl/skipped_update``: 1 when verl's engine skipped an optimizer step of this training step because
+      the gradient norm was not finite (verl then zeroes the gradients, so no NaN reaches the weights).
+    """
+    faults = sum(float((e.get("reward_extra_info") or {}).get("reward_fault", 0.0) or 0.0)
+                 for e, pad in zip(extra, is_padding, strict=True) if not pad)
+    skipped = grad_norm is not None and not math.isfinite(float(grad_norm))
+    return {"calibrl/reward_faults": faults, "calibrl/skipped_update": float(skipped)}

@@ -43,7 +43,7 @@ from verl.workers.utils.padding import response_to_nested
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.integration import actor_loss
 from calibrl_verl.integration.registry import ADV_EXTRAS
-from calibrl_verl.integration.step_fields import StepRows, compute_step_fields, update_padding
+from calibrl_verl.integration.step_fields import StepRows, compute_step_fields, fault_metrics, update_padding
 
 TRAINER_NAME = "calibrl"
 
@@ -255,6 +255,9 @@ class CalibRLTrainer(PPOTrainerSync):
 
     # -- 6. metrics -------------------------------------------------------------------------------------------
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        metrics.update(fault_metrics(_as_list(got["extra_fields"]), self._padding_flags(batch),
+                                     metrics.get("actor/grad_norm")))
         if self.calibrl.n_expert:
             batch = batch.select_keys(self._onpolicy_keys(batch, keep_padding=True))
         return super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
