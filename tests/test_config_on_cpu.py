@@ -14,7 +14,7 @@ def test_defaults_are_the_authors_code():
         "loss_mode": "calibrl", "expert_key": "solution", "experts_per_group": 1, "alpha": 0.5, "guide_coef": 0.1,
         "pass_threshold": 0.1, "gap": "token", "tail": "zero", "sequence_norm": "sum", "norm_adv_by_std": False,
         "mix_policy": "always", "mix_ratio": 1.0, "pass_rate_range": [0.0, 1.0], "warmup_grpo_steps": 0,
-        "expert_overlong": "truncate", "seed": 0,
+        "expert_overlong": "truncate", "seed": 0, "reward_guard": True,
     }
 
 

@@ -174,7 +174,10 @@ def test_printed_overrides_compose_into_a_valid_verl_config(recipe: str, data: d
     assert cfg.algorithm.adv_estimator == ("grpo" if loss_mode == "grpo" else "calibrl")
     assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == ("vanilla" if loss_mode == "grpo" else loss_mode)
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
-    assert cfg.reward.custom_reward_function.path == "pkg://calibrl_verl.reward"
+    # our reward, behind the reward guard (prepare_config wraps it)
+    reward_fn = cfg.reward.custom_reward_function
+    assert reward_fn.path == "pkg://calibrl_verl.integration.reward_guard" and reward_fn.name == "guarded_score"
+    assert reward_fn.reward_kwargs.calibrl_inner_path == "pkg://calibrl_verl.reward"
     assert not need_critic(cfg) and not need_reference_policy(cfg)  # no KL: no reference model
     validate_config(config=cfg, use_reference_policy=False, use_critic=False)
     # the static micro batches (use_dynamic_bsz=false) divide the per-GPU mini-batch of rows

@@ -125,6 +125,9 @@ def test_report_tabulates_and_plots_mean_and_spread(tmp_path: Path) -> None:
     assert grpo["entropy_end"][0] == pytest.approx(((0.05 + 0.10) / 2 + (0.15 + 0.20) / 2) / 2)
     assert grpo["guide_loss_end"] == (None, None) and cal["guide_loss_end"][0] == pytest.approx(0.01)
     assert grpo["seconds_per_run"] == pytest.approx(100.5)
+    # paired with GRPO seed by seed: (0.70 - 0.50 + 0.50 - 0.60) / 2 = 0.05
+    assert cal["acc_end_vs_baseline"] == pytest.approx((0.05, 0.2121320), abs=1e-6)
+    assert grpo["acc_end_vs_baseline"] == (0.0, 0.0)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| GRPO | 2 | 40.0 ± 0.0 | 55.0 ± 7.1 |" in table and "| 10 (2/2) |" in table
     figures = json.loads((tmp_path / "out" / "results.json").read_text())["figures"]

@@ -46,6 +46,9 @@ from calibrl_verl.integration.registry import ADV_EXTRAS
 from calibrl_verl.integration.step_fields import StepRows, compute_step_fields, fault_metrics, update_padding
 
 TRAINER_NAME = "calibrl"
+# verl 0.9.1's sync ReplayBuffer polls TransferQueue for finished rollouts every 2 s (a constructor default no
+# config key reaches), so a step whose rollouts finish after 2.1 s waits until 4 s. A poll is one metadata read.
+REPLAY_POLL_INTERVAL_S = 0.2
 
 
 @register_trainer(TRAINER_NAME)
@@ -71,6 +74,12 @@ class CalibRLTrainer(PPOTrainerSync):
     def drops_experts(self) -> bool:
         """CalibRL never trains on expert rows: they are left out of the update (LUFFY / RL-PLUS keep them)."""
         return self.calibrl.loss_mode == "calibrl"
+
+    def _build_replay_buffer(self):
+        buffer = super()._build_replay_buffer()
+        if hasattr(buffer, "poll_interval"):
+            buffer.poll_interval = min(buffer.poll_interval, REPLAY_POLL_INTERVAL_S)
+        return buffer
 
     def on_init_end(self) -> None:
         self.calibrl.check_run_length(self.total_training_steps)

@@ -8,7 +8,8 @@ step, and writes into ``--out``:
 * ``accuracy.png``, ``entropy.png``, ``guide_loss.png``, ``gate_fraction.png``, ``train_reward.png``: one line
   per method (the mean over seeds) with a band from the lowest to the highest seed;
 * ``results.md``: per method, held-out accuracy at the start and the end, entropy at the end, steps to reach
-  the target accuracy, train reward at the end, wall time; ``results.json``: the same numbers, per seed too.
+  the target accuracy, train reward at the end, wall time, and the end accuracy minus GRPO's on the same seed
+  (a paired difference); ``results.json``: the same numbers, per seed too.
 
 Held-out accuracy is verl's validation metric (greedy decoding over the whole val split). "At the end" for
 the per-step training metrics is the mean of the last ``END_WINDOW`` steps, which is less noisy than one step.
@@ -26,6 +27,7 @@ from typing import Any
 from calibrl_verl.study.grid import METHODS, read_run
 
 END_WINDOW = 4
+BASELINE = "grpo"
 ENTROPY = "actor/entropy"
 TRAIN_REWARD = "critic/score/mean"
 GUIDE_LOSS = "calibrl/guide_loss"
@@ -113,7 +115,20 @@ def summarise(runs: dict[str, dict[int, dict[int, dict[str, float]]]], acc_key: 
         row["reached_target"] = len(reached)
         row["seconds_per_run"] = statistics.fmean(seconds[method]) if seconds.get(method) else None
         out[method] = row
+    for row in out.values():
+        row["acc_end_vs_baseline"] = _paired_difference(row["per_seed"], out.get(BASELINE, {}).get("per_seed", {}))
     return out
+
+
+def _paired_difference(per_seed: dict[int, dict], baseline: dict[int, dict]) -> tuple[float | None, float | None]:
+    """Mean (and std) over shared seeds of end accuracy minus the baseline's with the same seed.
+
+    Runs with the same seed share the data order and the rollout seeds (the CPU rollout seeds every request
+    from its content), so they start from the same samples and a paired difference isolates the method.
+    """
+    diffs = [per_seed[s]["acc_end"] - baseline[s]["acc_end"] for s in sorted(set(per_seed) & set(baseline))
+             if per_seed[s]["acc_end"] is not None and baseline[s]["acc_end"] is not None]
+    return _mean_std(diffs)
 
 
 def _fmt(pair: tuple[float | None, float | None], pct: bool = False) -> str:
@@ -128,7 +143,8 @@ def _fmt(pair: tuple[float | None, float | None], pct: bool = False) -> str:
 def markdown_table(summary: dict[str, Any], target: float) -> str:
     """The results table (mean ± std over seeds)."""
     head = ("| method | seeds | held-out acc, start (%) | held-out acc, end (%) | best (%) | entropy, end | "
-            f"steps to {target * 100:.0f}% (median, reached) | train reward, end | guide loss, end | s/run |")
+            f"steps to {target * 100:.0f}% (median, reached) | train reward, end | guide loss, end | s/run | "
+            "end acc minus GRPO's, same seed (points) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for method, row in summary.items():
         label = METHODS[method].label if method in METHODS else method
@@ -137,7 +153,8 @@ def markdown_table(summary: dict[str, Any], target: float) -> str:
         secs = f"{row['seconds_per_run']:.0f}" if row["seconds_per_run"] else "n/a"
         lines.append(f"| {label} | {len(row['seeds'])} | {_fmt(row['acc_start'], True)} | "
                      f"{_fmt(row['acc_end'], True)} | {_fmt(row['acc_best'], True)} | {_fmt(row['entropy_end'])} | "
-                     f"{reach} | {_fmt(row['reward_end'])} | {_fmt(row['guide_loss_end'])} | {secs} |")
+                     f"{reach} | {_fmt(row['reward_end'])} | {_fmt(row['guide_loss_end'])} | {secs} | "
+                     f"{_fmt(row['acc_end_vs_baseline'], True)} |")
     return "\n".join(lines) + "\n"
 
 
