@@ -5,7 +5,7 @@
 #   bash examples/toy_study/run_study.sh [hydra overrides for every run...]
 #
 # Resumable: re-run the same command after an interruption and finished runs are skipped, an unfinished run
-# resumes from its last verl checkpoint. About 70 minutes on 2 cores (docs/toy_study/README.md).
+# resumes from its last verl checkpoint. About 80 minutes on 2 idle cores (docs/toy_study/README.md).
 # Env: OUT (outputs/toy_study), REPORT (docs/toy_study), PRESET (full | fast), JOBS (2: runs at a time),
 # SEEDS ("" = the preset's), METHODS ("" = all), VENV (.venv).
 set -euo pipefail
