@@ -88,15 +88,22 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[Callable[..., Any], dict[str,
     return load_inner(path, name), kwargs
 
 
+def _outcome(kwargs: dict[str, Any], result: Any = None, error: Exception | None = None) -> dict[str, Any]:
+    """What verl stores for one call of the user's function: its checked result or the counted fallback."""
+    if error is not None:
+        return fault(f"raised {type(error).__name__}: {error}", kwargs, error)
+    out, why = checked_result(result)
+    return out if out is not None else fault(f"returned {why}", kwargs)
+
+
 def guarded_score(**kwargs: Any) -> dict[str, Any]:
     """verl's reward-function interface around the user's (synchronous) function; see the module docstring."""
     inner, kwargs = _split_kwargs(kwargs)
     try:
         result = inner(**kwargs)
     except Exception as err:  # noqa: BLE001 - any user-code failure becomes a counted, logged fallback
-        return fault(f"raised {type(err).__name__}: {err}", kwargs, err)
-    out, why = checked_result(result)
-    return out if out is not None else fault(f"returned {why}", kwargs)
+        return _outcome(kwargs, error=err)
+    return _outcome(kwargs, result)
 
 
 async def guarded_score_async(**kwargs: Any) -> dict[str, Any]:
@@ -105,6 +112,5 @@ async def guarded_score_async(**kwargs: Any) -> dict[str, Any]:
     try:
         result = await inner(**kwargs)
     except Exception as err:  # noqa: BLE001 - any user-code failure becomes a counted, logged fallback
-        return fault(f"raised {type(err).__name__}: {err}", kwargs, err)
-    out, why = checked_result(result)
-    return out if out is not None else fault(f"returned {why}", kwargs)
+        return _outcome(kwargs, error=err)
+    return _outcome(kwargs, result)
