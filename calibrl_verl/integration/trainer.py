@@ -265,10 +265,10 @@ class CalibRLTrainer(PPOTrainerSync):
     # -- 6. metrics -------------------------------------------------------------------------------------------
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-        metrics.update(fault_metrics(_as_list(got["extra_fields"]), self._padding_flags(batch),
-                                     metrics.get("actor/grad_norm")))
+        extra = _as_list(got["extra_fields"])  # read once: fault counts and the on-policy selection
+        metrics.update(fault_metrics(extra, self._padding_flags(batch), metrics.get("actor/grad_norm")))
         if self.calibrl.n_expert:
-            batch = batch.select_keys(self._onpolicy_keys(batch, keep_padding=True))
+            batch = batch.select_keys(self._onpolicy_keys(batch, keep_padding=True, extra=extra))
         return super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
 
     # -- helpers ----------------------------------------------------------------------------------------------
@@ -284,8 +284,8 @@ class CalibRLTrainer(PPOTrainerSync):
     def _padding_flags(batch) -> list[bool]:
         return [bool(tag.get("is_padding", False)) for tag in batch.tags]
 
-    def _onpolicy_keys(self, batch, keep_padding: bool = False) -> list[str]:
-        expert = self._expert_flags(batch)
+    def _onpolicy_keys(self, batch, keep_padding: bool = False, extra: list[dict] | None = None) -> list[str]:
+        expert = self._expert_flags(batch, extra)
         padding = self._padding_flags(batch)
         return [k for k, e, p in zip(batch.keys, expert, padding, strict=True) if not e and (keep_padding or not p)]
 
