@@ -18,9 +18,11 @@ The benchmark name is the parquet file's stem (``data/geoqa/test.parquet`` -> ``
 collide get their folder as a prefix, ``geoqa/test``), or the file's ``data_source`` with
 ``--name-by data_source``.
 
-Backends: ``vllm`` (``vllm.LLM`` with multi-modal inputs and ``--tp`` tensor parallelism; needs a GPU),
-``hf`` (transformers ``generate``, batched with left padding; the CPU fallback, fine for tiny models), and
-``auto``: vLLM when it is importable and a GPU is visible, else hf.
+Backends: ``vllm`` (``vllm.LLM`` with multi-modal inputs and ``--tp`` tensor parallelism; bf16 on a GPU, float32
+on vLLM's CPU build, whose KV cache defaults to 1 GiB there via ``VLLM_CPU_KVCACHE_SPACE``), ``hf`` (transformers
+``generate``, batched with left padding; fine for tiny models), and ``auto``: vLLM when it is importable and a
+GPU is visible, else hf (on CPU the hf backend starts in seconds, vLLM's engine in about a minute, so ``auto``
+leaves vLLM-on-CPU to an explicit ``--backend vllm``).
 
 Evaluate a verl checkpoint: verl saves sharded FSDP weights; merge them into a Hugging Face model first
 (``huggingface/`` inside the checkpoint supplies config, tokenizer and processor), then evaluate the merge::
@@ -37,6 +39,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -231,7 +234,8 @@ def vllm_importable() -> bool:
 
 
 def choose_backend(name: str) -> str:
-    """``auto``: vLLM when importable and a GPU is visible, else hf."""
+    """``auto``: vLLM when importable and a GPU is visible, else hf (quicker to start for tiny CPU runs; vLLM's
+    CPU build still runs with an explicit ``vllm``)."""
     if name == "auto":
         return "vllm" if vllm_importable() and gpu_available() else "hf"
     if name == "vllm" and not vllm_importable():
@@ -295,19 +299,33 @@ def load_hf_model(model: str, dtype: Any) -> Any:
 
 class VLLMBackend:
     """``vllm.LLM`` with multi-modal inputs, tensor parallel, greedy (explicit temperature 0, so the
-    checkpoint's generation_config defaults are not applied)."""
+    checkpoint's generation_config defaults are not applied). On vLLM's CPU build: float32 (the CPU compute
+    dtype, as the hf backend uses there) and a 1 GiB KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise."""
 
     def __init__(self, model: str, max_new_tokens: int, tp: int, max_images: int, max_model_len: int | None) -> None:
         from vllm import LLM, SamplingParams
 
         self.processor = load_processor(model)
         kwargs: dict[str, Any] = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
+        if vllm_on_cpu():
+            kwargs["dtype"] = "float32"  # on a GPU vLLM's default "auto" keeps the checkpoint's bf16
+            # Without it, vllm/v1/worker/cpu_worker.py reserves gpu_memory_utilization (0.9) x the host's RAM for
+            # the KV cache (and refuses to start when that much is not free); vllm/platforms/cpu.py turns this
+            # variable (GiB) into cache_config.kv_cache_memory_bytes instead. Set before the engine is built.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=max_model_len, **kwargs)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
     def generate(self, requests: list[Request]) -> list[str]:
         outputs = self.llm.generate([vllm_input(r) for r in requests], self.params)
         return [o.outputs[0].text for o in outputs]
+
+
+def vllm_on_cpu() -> bool:
+    """True for vLLM's CPU build (``vllm-cpu``), which imports as ``vllm``."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def vllm_input(request: Request) -> dict[str, Any]:

@@ -5,10 +5,11 @@
 
 ``run`` builds the tiny model and data if missing (``calibrl_verl.tiny``), launches
 ``python -m calibrl_verl.main_calibrl`` (verl's real trainer: Ray, TransferQueue, FSDP2 engine worker, agent
-loop, reward loop) with verl's file logger, and draws the curves. ``--device cpu`` (default) adds the CPU
-backend (``calibrl_verl.cpu``: the rollout engine is transformers ``generate``, not vLLM); ``--device gpu``
-runs the same recipe with vLLM on one GPU (``recipes/gpu_smoke.sh``). ``check`` reads the metrics and
-prints one PASS/FAIL line per property; it exits non-zero on any FAIL.
+loop, verl's vLLM rollout server and weight sync, reward loop) with verl's file logger and a timeout, and draws
+the curves. ``--device cpu`` (default) adds the CPU backend (``calibrl_verl.cpu``: vLLM's CPU build, gloo);
+``--device gpu`` runs the same recipe on one GPU (``recipes/gpu_smoke.sh``): the launcher and the checks are the
+same, only the overrides differ. ``check`` reads the metrics and prints one PASS/FAIL line per property; it exits
+non-zero on any FAIL.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from calibrl_verl import tiny
 
 N_ONPOLICY = 4
 PROMPTS_PER_STEP = 4
+# A launch that runs longer is killed with its Ray cluster: a failed weight sync into vLLM hangs instead of failing
+# (VLLM_ON_CPU.md), so no launch may wait forever. The tiny recipe takes 2-3 minutes on 2 cores.
+DEFAULT_TIMEOUT_S = 1200
+# vLLM starts from random (dummy) weights: rollout and actor probabilities agree only if weight sync worked
+# (measured on CPU, fp32: mean |p_rollout - p_actor| 1e-4 to 2e-4; random weights give ~0.5)
+MAX_ROLLOUT_PROB_DIFF = 0.02
 
 
 def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, device: str,
@@ -56,6 +63,8 @@ def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, de
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={save_freq or steps}",
         "trainer.max_actor_ckpt_to_keep=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
         "trainer.resume_mode=auto",
+        # reproducible sampling (and resume equality): a vLLM seed per request from what the request is
+        "calibrl.seeded_rollouts=true",
     ]
     if device == "gpu":
         args += ["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
@@ -86,6 +95,7 @@ class Launch:
             raise
         finally:
             self.log_file.close()
+        kill_tagged(self.tag)  # stragglers of a finished run (a vLLM engine process outliving its server, say)
         if code != 0:
             raise RuntimeError(f"training exited {code}; last lines of {self.log_path}:\n"
                                f"{self.log_path.read_text()[-4000:]}")
@@ -97,12 +107,20 @@ class Launch:
         Ray's raylet and workers are not children of one process group, but all inherit the driver's
         environment, so they are found by ``TAG_ENV`` in ``/proc/<pid>/environ`` (Linux).
         """
-        pids = {self.proc.pid} | set(tagged_pids(self.tag))
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        killed = 1 + kill_tagged(self.tag)
         self.proc.wait()
-        return len(pids)
+        return killed
+
+
+def kill_tagged(tag: str) -> int:
+    """SIGKILL every process whose environment holds ``TAG_ENV=tag``; returns how many were signalled."""
+    pids = tagged_pids(tag)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -140,7 +158,7 @@ def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics
 
 
 def launch(run_dir: Path, overrides: list[str], device: str, name: str = "metrics",
-           timeout: int | None = None) -> Path:
+           timeout: int | None = DEFAULT_TIMEOUT_S) -> Path:
     """``start`` and wait: one whole launch; returns the metrics JSONL path, raises on a non-zero exit."""
     return start(run_dir, overrides, device, name).wait(timeout)
 
@@ -153,8 +171,8 @@ def ensure_assets(assets: Path, **build_kwargs: int) -> Path:
     return assets
 
 
-def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str], timeout: int | None = None,
-        name: str = "metrics") -> Path:
+def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str],
+        timeout: int | None = DEFAULT_TIMEOUT_S, name: str = "metrics") -> Path:
     """Build assets if needed, train, plot; returns the metrics JSONL path. Raises on a non-zero exit.
 
     Checkpoints go to ``out/<loss_mode>/checkpoints`` and verl resumes from the latest one there
@@ -187,6 +205,9 @@ def check(path: Path, steps: int, loss_mode: str) -> list[tuple[bool, str]]:
     grad = [d.get("actor/grad_norm", float("nan")) for d in data]
     results.append((all(math.isfinite(g) for g in grad) and any(g > 0 for g in grad),
                     f"grad norm finite and non-zero: {grad}"))
+    diff = [d.get("training/rollout_probs_diff_mean", float("nan")) for d in data]
+    results.append((all(0 <= v < MAX_ROLLOUT_PROB_DIFF for v in diff),
+                    f"rollout weights synced (mean |p_rollout - p_actor| < {MAX_ROLLOUT_PROB_DIFF}): {diff}"))
     if loss_mode == "grpo":
         results.append((all("calibrl/guide_loss" not in d for d in data), "no guide loss in the GRPO baseline"))
         return results

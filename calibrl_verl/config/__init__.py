@@ -46,6 +46,7 @@ class CalibRLConfig:
     expert_overlong: str = "truncate"
     seed: int = 0
     reward_guard: bool = True
+    seeded_rollouts: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_rate_range", tuple(float(x) for x in self.pass_rate_range))
@@ -79,7 +80,7 @@ class CalibRLConfig:
             raise CalibRLConfigError(
                 f"calibrl.pass_rate_range={[lo, hi]} must satisfy 0 <= lo <= hi <= 1 (pass rates are fractions)"
             )
-        for key in ("norm_adv_by_std", "reward_guard"):
+        for key in ("norm_adv_by_std", "reward_guard", "seeded_rollouts"):
             if not isinstance(getattr(self, key), bool):
                 raise CalibRLConfigError(f"calibrl.{key}={getattr(self, key)!r} must be true or false")
 

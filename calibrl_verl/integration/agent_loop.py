@@ -14,12 +14,18 @@ multimodal inputs and rewards that the agent loop already builds. The trainer de
 the expert joins (warm-up, ``mix_policy: random``, a missing expert) and says so with two columns:
 ``__rollout_n__`` (verl's per-sample session count) and ``calibrl_expert``.
 
+With ``calibrl.seeded_rollouts`` every sampled session also gets its own vLLM sampling seed (``SeededServer``),
+derived from what the request is, not from when it arrives: a resumed run then samples what the uninterrupted run
+sampled.
+
 Registered by ``config/agent_loops.yaml`` (verl's ``agent_loop_config_path``), which every agent-loop worker
 loads itself, so nothing heavy runs at ``import verl`` time.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
@@ -69,12 +75,54 @@ class ExpertServer:
         )
 
 
+def _image_fingerprint(image: Any) -> bytes:
+    """Bytes that identify an image's content (PIL image, array or tensor)."""
+    if hasattr(image, "tobytes") and hasattr(image, "size") and hasattr(image, "mode"):  # PIL
+        return f"{image.mode}{image.size}".encode() + image.tobytes()
+    if hasattr(image, "detach"):  # torch tensor
+        return image.detach().cpu().contiguous().numpy().tobytes()
+    if hasattr(image, "tobytes"):
+        return image.tobytes()
+    return repr(image).encode()
+
+
+def request_seed(base_seed: int, weight_version: int, session_id: int, prompt_ids: Sequence[int],
+                 images: Sequence[Any] | None) -> int:
+    """The sampling seed of one request: a hash of the run's rollout seed, the weight version, the session
+    (the k-th sample of a group) and the request's content (prompt tokens and image pixels; two images may share
+    prompt tokens). The same request under the same weights always gets the same seed, whatever the arrival order.
+    """
+    h = hashlib.sha256(f"{base_seed}:{weight_version}:{session_id}:".encode())
+    h.update(",".join(str(int(t)) for t in prompt_ids).encode())
+    for image in images or ():
+        h.update(_image_fingerprint(image))
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class SeededServer:
+    """Wraps verl's server manager for one session: each request carries its ``request_seed`` as vLLM's
+    per-request ``seed`` (verl's vLLM server passes sampling params to ``vllm.SamplingParams``)."""
+
+    def __init__(self, inner: Any, base_seed: int, weight_version: int, session_id: int) -> None:
+        self.inner = inner
+        self.base_seed, self.weight_version, self.session_id = base_seed, weight_version, session_id
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       image_data: list[Any] | None = None, **kwargs: Any) -> TokenOutput:
+        seed = request_seed(self.base_seed, self.weight_version, self.session_id, prompt_ids, image_data)
+        return await self.inner.generate(request_id, prompt_ids=prompt_ids, image_data=image_data,
+                                         sampling_params={**sampling_params, "seed": seed}, **kwargs)
+
+
 class CalibRLAgentLoop(SingleTurnAgentLoop):
     """Single-turn agent loop whose last ``experts_per_group`` sessions return the expert response."""
 
     async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs: Any) -> AgentLoopOutput:
         cfg = CalibRLConfig.from_config(self.config.get("calibrl"))
         if not self._is_expert_session(cfg, kwargs):
+            if cfg.seeded_rollouts:
+                self.server_manager = SeededServer(self.server_manager, int(self.rollout_config.seed),
+                                                   _weight_version(kwargs), int(kwargs.get("session_id", 0)))
             output = await super().run(sampling_params, priority=priority, **kwargs)
             output.extra_fields.update({"is_expert": False, "expert_truncated": False})
             return output

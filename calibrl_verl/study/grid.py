@@ -3,7 +3,7 @@
     python -m calibrl_verl.study.grid --out outputs/toy_study [--preset full|fast] [--jobs 2] [hydra overrides]
 
 Every run is one ``python -m calibrl_verl.main_calibrl`` launch of the tiny recipe (``calibrl_verl.smoke``:
-verl's real trainer, agent loop, reward loop and checkpoints; the rollout engine is transformers ``generate``)
+verl's real trainer, agent loop, reward loop and checkpoints; the rollout is verl's vLLM server on vLLM's CPU build)
 with the method's overrides and the seed in ``data.seed``, ``actor_rollout_ref.rollout.seed`` and
 ``calibrl.seed``. All methods start from the same weakly warm-started tiny model, so rewards vary from step 1.
 Held-out accuracy is verl's own validation (greedy, the whole val split) every ``test_freq`` steps.

