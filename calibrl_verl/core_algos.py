@@ -28,6 +28,7 @@ __all__ = [
     "compute_calibrl_guide_loss",
     "compute_expert_advantage",
     "correctness_sign",
+    "expert_sequence_baseline",
     "group_ids",
     "luffy_expert_token_loss",
     "rlplus_expert_token_loss",
@@ -230,6 +231,23 @@ def _check_guide_args(gap: str, tail: str, sequence_norm: str, alpha: float) -> 
         raise ValueError(f"calibrl.alpha={alpha} must be in [0, 1]")
 
 
+def expert_sequence_baseline(expert_log_prob: torch.Tensor, expert_mask: torch.Tensor,
+                             sequence_norm: str = "sum") -> torch.Tensor:
+    """The expert's side of the sequence gap (SPEC §1.7, eq. 9), over ALL of the expert's tokens:
+
+        S(l^e) = sum_t l^e_t                      (sequence_norm="sum")
+        S(l^e) = sum_t l^e_t / |e|                (sequence_norm="mean": |e| = the expert's own token count)
+
+    (B, T) inputs with T covering the whole expert; returns (B,), 0 for rows whose mask is empty. Per-token
+    log-probs are floored at LOG_PROB_FLOOR first, as in the loss.
+    """
+    if sequence_norm not in SEQUENCE_NORMS:
+        raise ValueError(f"calibrl.sequence_norm={sequence_norm!r} is not one of {SEQUENCE_NORMS}")
+    emask = expert_mask.bool()
+    total = torch.where(emask, expert_log_prob.float().clamp(min=LOG_PROB_FLOOR), 0.0).sum(-1)
+    return total / emask.sum(-1).clamp(min=1) if sequence_norm == "mean" else total
+
+
 def compute_calibrl_guide_loss(
     log_prob: torch.Tensor,
     expert_log_prob: torch.Tensor,
@@ -246,6 +264,7 @@ def compute_calibrl_guide_loss(
     batch_num_tokens: float | torch.Tensor | None = None,
     global_batch_size: float | torch.Tensor | None = None,
     loss_scale_factor: float | None = None,
+    expert_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The calibration (guide) loss L_guide over on-policy rows (SPEC §1.7); expert rows are never passed in.
 
@@ -263,6 +282,9 @@ def compute_calibrl_guide_loss(
         d_i = S(log pi_theta(o_i)) - S(l^e),  S = sum over tokens (sequence_norm="sum") or mean ("mean")
         g_i = |A_i| * LeakyReLU_alpha(-s_i * d_i)
         L_guide = sum_i g_i / N_responses   (every on-policy response counts, ``global_batch_size`` if given)
+        S(l^e) runs over the whole expert (``expert_sequence_baseline``). Tensors aligned to the on-policy
+        response (as verl's micro-batches are) can cut a longer expert, so the trainer passes S(l^e) per row as
+        ``expert_baseline`` (B,); without it S(l^e) is taken from ``expert_log_prob`` / ``expert_mask``.
 
     Log-probs are floored at LOG_PROB_FLOOR first, so -inf never reaches the loss. Computed in float32.
     Metrics: gate_full_frac (share of guided tokens/responses on the slope-1 side), gap_mean (mean d over
@@ -282,8 +304,10 @@ def compute_calibrl_guide_loss(
         loss = aggregate_loss(loss, resp, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                               loss_scale_factor)
     else:
-        loss, d, gated, sign_b = _sequence_guide(lp, elp, emask, has_expert, resp, sign, weight, alpha,
-                                                 sequence_norm)
+        if expert_baseline is None:
+            expert_baseline = expert_sequence_baseline(expert_log_prob, emask, sequence_norm)
+        ref = expert_baseline.reshape(-1).to(lp.device).float().detach()
+        loss, d, gated, sign_b = _sequence_guide(lp, ref, has_expert, resp, sign, weight, alpha, sequence_norm)
         n_resp = resp.any(dim=-1).sum().clamp(min=1) if global_batch_size is None else global_batch_size
         loss = loss.sum() / n_resp * dp_size
     return loss, _guide_metrics(d.detach(), gated, sign_b, advantages, resp, has_expert)
@@ -301,13 +325,12 @@ def _token_guide(lp, elp, emask, has_expert, resp, sign, weight, alpha, tail):
     return g, d, gated, sign.unsqueeze(-1)
 
 
-def _sequence_guide(lp, elp, emask, has_expert, resp, sign, weight, alpha, sequence_norm):
-    """(B,) vector of g_i (zero without an expert), the gaps d_i, the guided-response mask and the signs."""
+def _sequence_guide(lp, ref, has_expert, resp, sign, weight, alpha, sequence_norm):
+    """(B,) vector of g_i (zero without an expert), the gaps d_i = S(own) - ref, the guided-response mask and
+    the signs; ``ref`` is the expert's S(l^e) per row."""
     own = (lp * resp).sum(-1)
-    ref = elp.sum(-1)
     if sequence_norm == "mean":
         own = own / resp.sum(-1).clamp(min=1)
-        ref = ref / emask.sum(-1).clamp(min=1)
     d = own - ref
     return asymmetric_gate(d, sign, alpha, weight), d, has_expert & resp.any(-1), sign
 

@@ -19,6 +19,7 @@ things done first, on the driver, before Ray or any GPU starts:
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from importlib import resources
 from typing import Any
@@ -43,6 +44,8 @@ def prepare_config(config: DictConfig) -> CalibRLConfig:
             f"{cfg.n_expert} expert rows: it must be larger (e.g. n=11 for 10 samples + 1 expert)"
         )
     cfg.check_run_length(config.trainer.get("total_training_steps"))
+    check_old_log_prob_mode(config, cfg)
+    check_update_shape(config, cfg)
     with open_dict(config):
         grpo = cfg.loss_mode == "grpo"
         config.algorithm.adv_estimator = "grpo" if grpo else "calibrl"
@@ -54,6 +57,48 @@ def prepare_config(config: DictConfig) -> CalibRLConfig:
             install_reward_guard(config)
         _forward_env(config)
     return cfg
+
+
+def check_old_log_prob_mode(config: DictConfig, cfg: CalibRLConfig) -> None:
+    """Refuse verl's rollout-correction bypass mode where the loss reads expert rows' old log-probs.
+
+    Bypass mode (``algorithm.rollout_correction.bypass_mode=true``) skips the old-log-prob pass and uses the
+    rollout's log-probs instead (verl 0.9.1 ``trainer_base.py`` ~1641). Expert rows are never sampled, so they
+    carry placeholder zeros there: CalibRL's calibration baseline would silently become log-prob 0, and
+    RL-PLUS's p_old 1. No expert log-prob exists without that pass, so there is nothing to fall back to.
+    """
+    correction = config.algorithm.get("rollout_correction") or {}
+    if cfg.n_expert and bool(correction.get("bypass_mode", False)):
+        raise CalibRLConfigError(
+            f"algorithm.rollout_correction.bypass_mode=true cannot run calibrl.loss_mode={cfg.loss_mode!r}: it skips "
+            "the old-log-prob pass, the only source of the expert rows' log-probs (the calibration baseline); "
+            "set algorithm.rollout_correction.bypass_mode=false, or calibrl.loss_mode=grpo"
+        )
+
+
+def check_update_shape(config: DictConfig, cfg: CalibRLConfig) -> None:
+    """Refuse a mini-batch the CalibRL update cannot split over the data-parallel ranks, naming a size that works.
+
+    CalibRL updates on the on-policy rows only, so its mini-batch is ppo_mini_batch_size x (rollout.n - k) rows,
+    and verl's engine asserts it splits evenly over the dp ranks, dynamic batch sizes included (verl 0.9.1
+    ``engine_workers.py`` ~267). verl's own start-up check counts rollout.n rows, experts included.
+    """
+    actor = config.actor_rollout_ref.actor
+    if cfg.loss_mode != "calibrl":
+        return  # the other modes update on every row, as verl's own check assumes
+    n_on = int(config.actor_rollout_ref.rollout.n) - cfg.n_expert
+    sp = int(actor.get("ulysses_sequence_parallel_size", 1) or 1)
+    dp = max(int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes) // sp, 1)
+    mini = int(actor.ppo_mini_batch_size)
+    if (mini * n_on) % dp:
+        step = dp // math.gcd(dp, n_on)  # the smallest mini-batch (in prompts) whose on-policy rows split over dp
+        works = -(-mini // step) * step
+        raise CalibRLConfigError(
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={mini} gives CalibRL updates of {mini} x {n_on} on-policy "
+            f"rows (actor_rollout_ref.rollout.n={n_on + cfg.n_expert} minus calibrl.experts_per_group="
+            f"{cfg.n_expert}), which do not split over {dp} data-parallel ranks; use a multiple of {step}, e.g. "
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={works}"
+        )
 
 
 def install_reward_guard(config: DictConfig) -> None:

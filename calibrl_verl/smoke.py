@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +115,23 @@ class Launch:
         return killed
 
 
-def kill_tagged(tag: str) -> int:
-    """SIGKILL every process whose environment holds ``TAG_ENV=tag``; returns how many were signalled."""
-    pids = tagged_pids(tag)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    return len(pids)
+def kill_tagged(tag: str, rounds: int = 50, pause_s: float = 0.1) -> int:
+    """SIGKILL every process whose environment holds ``TAG_ENV=tag``; returns how many were signalled.
+
+    Repeats until none is left (at most ``rounds`` times): a process can be forked between the scan of /proc
+    and the kills (Ray starting a worker, vLLM spawning its engine core), and would otherwise escape.
+    """
+    killed: set[int] = set()
+    for _ in range(rounds):
+        pids = [pid for pid in tagged_pids(tag) if pid != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        time.sleep(pause_s)
+    return len(killed)
 
 
 def tagged_pids(tag: str) -> list[int]:

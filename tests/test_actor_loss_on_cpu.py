@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tensordict import NonTensorData, TensorDict
@@ -46,6 +47,7 @@ def _step(seed: int = 0, prompt_lens=(3, 2, 4, 3), resp_lens=(5, 3, 6, 2)):
         "advantages": _nested([padded["adv"][i, :r] for i, r in enumerate(resp_lens)]),
         actor_loss.EXPERT_LOG_PROB: _nested([padded["elp"][i, :r] for i, r in enumerate(resp_lens)]),
         actor_loss.EXPERT_MASK: _nested([padded["emask"][i, :r] for i, r in enumerate(resp_lens)]),
+        actor_loss.EXPERT_BASELINE: ca.expert_sequence_baseline(padded["elp"], padded["emask"]),
         actor_loss.CORRECT: padded["correct"],
         actor_loss.IS_EXPERT: torch.tensor([0.0, 0.0, 0.0, 1.0]),
     }
@@ -150,3 +152,51 @@ def test_offpolicy_baselines_read_the_expert_flag_from_the_micro_batch(mode):
     expert_part = (token * p["mask"] * expert).sum() / n_tokens
     assert loss.item() == pytest.approx(pg.item() + expert_part.item(), rel=1e-5)
     assert f"calibrl/{mode}_expert_loss" in metrics
+
+
+@pytest.mark.parametrize(("norm", "want"), [("sum", (-0.55, 0.825)), ("mean", (0.275, 0.275))])
+def test_sequence_gap_compares_with_the_whole_expert_through_the_trainer_fields(norm, want):
+    """Trainer fields -> TransferQueue-style nested rows -> the actor loss: S(l^e) covers all of the expert's tokens,
+    also for a response shorter than the expert (the per-token fields are cut to the response's length).
+
+    Group: a correct 2-token response (log-probs -1.5, -1.5), a wrong 7-token one (-0.5 each), and a 5-token
+    expert summing to -5 (mean -1) whose first two tokens sum to -0.4: comparing with the cut expert would put the
+    correct response on the full-push side (d = -3 + 0.4 < 0) instead of the damped one (d = -3 + 5 = 2 > 0).
+    """
+    from verl.workers.utils.padding import response_to_nested
+
+    from calibrl_verl.integration.step_fields import StepRows, compute_step_fields
+
+    lengths, width = [2, 7, 5], 7
+    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()
+    old = torch.stack([torch.full((width,), -1.5), torch.full((width,), -0.5),
+                       torch.tensor([-0.2, -0.2, -2.0, -2.0, -0.6, 0.0, 0.0])]) * mask
+    rows = StepRows(uids=np.array(["a", "a", "a"], dtype=object), is_expert=torch.tensor([False, False, True]),
+                    is_padding=torch.tensor([False] * 3), scores=torch.tensor([1.1, 0.0, 1.1]), acc=None,
+                    response_mask=mask, old_log_probs=old, expert_truncated=torch.tensor([False] * 3))
+    cfg = CalibRLConfig(gap="sequence", sequence_norm=norm, alpha=0.5, guide_coef=1.0)
+    fields = compute_step_fields(cfg, rows)
+    nested_mask = _nested([mask[i, :n] for i, n in enumerate(lengths)])
+    stored = {  # what the trainer writes to TransferQueue for every row, as it writes it
+        "response_mask": nested_mask,
+        "old_log_probs": response_to_nested(old, nested_mask),
+        "advantages": response_to_nested(fields.advantages, nested_mask),
+        actor_loss.EXPERT_LOG_PROB: response_to_nested(fields.expert_log_prob, nested_mask),
+        actor_loss.EXPERT_MASK: response_to_nested(fields.expert_mask.float(), nested_mask),
+        actor_loss.EXPERT_BASELINE: fields.expert_baseline.float(),
+        actor_loss.CORRECT: fields.correct.float(),
+        actor_loss.IS_EXPERT: fields.active_expert.float(),
+        "prompts": _nested([torch.ones(2, dtype=torch.long)] * 3),
+        "responses": _nested([torch.ones(n, dtype=torch.long) for n in lengths]),
+    }
+    onpolicy = slice(0, 2)  # the update never sees the expert row
+    data = TensorDict({k: _slice(v, onpolicy) for k, v in stored.items()}, batch_size=[2])
+    data["dp_size"], data["batch_num_tokens"], data["global_batch_size"] = (NonTensorData(1), NonTensorData(9.0),
+                                                                            NonTensorData(2))
+    # the current policy equals the old one (one mini-batch, first epoch): log-probs as verl's engine returns them
+    log_probs = _nested([torch.cat([torch.zeros(1), old[i, :n], torch.zeros(1)]) for i, n in enumerate(lengths[:2])])
+    _, metrics = calibrl_actor_loss(_config("calibrl"), {"log_probs": log_probs}, data, calibrl=cfg)
+    # |A| = 0.55 for both rows; g_i = 0.55 * LeakyReLU_0.5(-s_i d_i), averaged over the two responses
+    assert metrics["calibrl/guide_loss"].values == [pytest.approx(sum(want) / 2, rel=1e-5)]
+    expert_s = -5.0 if norm == "sum" else -1.0
+    torch.testing.assert_close(fields.expert_baseline, torch.tensor([expert_s, expert_s, 0.0]))

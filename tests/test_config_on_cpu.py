@@ -15,6 +15,7 @@ def test_defaults_are_the_authors_code():
         "pass_threshold": 0.1, "gap": "token", "tail": "zero", "sequence_norm": "sum", "norm_adv_by_std": False,
         "mix_policy": "always", "mix_ratio": 1.0, "pass_rate_range": [0.0, 1.0], "warmup_grpo_steps": 0,
         "expert_overlong": "truncate", "seed": 0, "reward_guard": True, "seeded_rollouts": False,
+        "dump_dir": None,
     }
 
 
@@ -48,6 +49,7 @@ def test_from_omegaconf_node_with_overrides():
         ("expert_key", "", "calibrl.expert_key"),
         ("norm_adv_by_std", "yes", "calibrl.norm_adv_by_std"),
         ("seeded_rollouts", 1, "calibrl.seeded_rollouts=1 must be true or false"),
+        ("dump_dir", "  ", "calibrl.dump_dir='  ' must be null or a directory path"),
     ],
 )
 def test_invalid_values_fail_naming_the_key(key, value, needle):

@@ -56,6 +56,18 @@ def test_bad_values_stop_before_anything_starts():
         prepare_config(_compose("calibrl.warmup_grpo_steps=5", "trainer.total_training_steps=5"))
 
 
+@pytest.mark.parametrize("mode", ["calibrl", "luffy", "rlplus"])
+def test_rollout_correction_bypass_mode_is_refused_where_expert_old_log_probs_are_needed(mode):
+    cfg = _compose(f"calibrl.loss_mode={mode}", "algorithm.rollout_correction.bypass_mode=true")
+    with pytest.raises(CalibRLConfigError, match=r"algorithm.rollout_correction.bypass_mode=true cannot run "
+                                                 rf"calibrl.loss_mode='{mode}'.*bypass_mode=false"):
+        prepare_config(cfg)
+    grpo = _compose("calibrl.loss_mode=grpo", "actor_rollout_ref.rollout.n=4",
+                    "algorithm.rollout_correction.bypass_mode=true")
+    prepare_config(grpo)  # no expert rows: verl's own bypass mode stays available to the GRPO baseline
+    assert grpo.algorithm.adv_estimator == "grpo"
+
+
 def test_register_env_is_forwarded_to_ray_workers():
     cfg = _compose()
     prepare_config(cfg)

@@ -13,6 +13,7 @@ from calibrl_verl.integration.step_fields import (
     compute_step_fields,
     first_expert_row,
     update_padding,
+    update_response_mask,
 )
 
 
@@ -79,6 +80,23 @@ def test_offpolicy_baselines_give_active_expert_rows_their_advantage():
     assert compute_step_fields(CalibRLConfig(), rows).advantages[3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("mode", ["luffy", "rlplus"])
+def test_inactive_expert_rows_of_the_offpolicy_baselines_are_no_ops_in_the_update(mode):
+    """Outside pass_rate_range a LUFFY / RL-PLUS expert row has A = 0 and must add nothing: no tokens to the
+    token-mean denominator, no entropy or KL terms. Its update mask is all zero, like verl's padding rows."""
+    rows = _rows([1.1, 0.0, 0.0, 1.1, 1.1, 1.1, 1.1, 1.1, 0.0], ["a", "a", "a", "a", "b", "b", "b", "b", "a"],
+                 [False, False, False, True, False, False, False, True, False],
+                 padding=[False] * 8 + [True], lengths=[6, 5, 4, 3, 6, 2, 6, 5, 1])
+    f = compute_step_fields(CalibRLConfig(loss_mode=mode, mix_policy="pass_rate", pass_rate_range=(0.2, 0.6)), rows)
+    mask = update_response_mask(rows, f.active_expert)
+    assert f.active_expert.tolist() == [False, False, False, True, False, False, False, False, False]
+    assert mask[7].sum() == 0 and f.advantages[7].abs().sum() == 0  # group b's expert: inactive, a no-op
+    keep = [i for i in range(9) if i != 7]
+    assert torch.equal(mask[keep], rows.response_mask[keep])  # everything else trains as before
+    # the token-mean denominator of the update: on-policy and active expert tokens only
+    assert mask.sum() == rows.response_mask.sum() - 5
+
+
 def test_expert_metrics_describe_the_expert_rows_only():
     rows = _rows([1.0, 0.0, 1.1, 0.1], ["a", "a", "a", "b"], [False, False, True, True], lengths=[6, 6, 4, 2],
                  truncated=[False, False, True, False])
@@ -127,3 +145,93 @@ def test_guide_loss_on_step_fields_matches_core_algos_directly():
             g.append(a * torch.nn.functional.leaky_relu(-s * d, 0.5))
     assert loss.item() == pytest.approx((sum(g) / rows.response_mask[on].sum()).item(), rel=1e-5)
     assert m["guided_frac"] == 1.0
+
+
+def test_step_dump_has_one_row_per_real_row_with_the_documented_schema(tmp_path):
+    import pyarrow.parquet as pq
+
+    from calibrl_verl.integration import step_dump
+
+    rows = _rows([1.1, 0.0, 1.1, 0.0], ["a", "a", "a", "a"], [False, False, True, False],
+                 padding=[False, False, False, True], lengths=[3, 2, 4, 1], acc=[1.0, 0.0, float("nan"), 0.0])
+    f = compute_step_fields(CalibRLConfig(), rows)
+    responses = torch.arange(4 * 6).reshape(4, 6)
+    guided = rows.onpolicy & f.expert_mask.any(-1)
+    table = step_dump.step_table(7, rows.uids, rows.is_expert, rows.is_padding, responses, rows.response_mask,
+                                 rows.old_log_probs, rows.scores, rows.acc, f.correct, f.advantages, guided,
+                                 f.expert_baseline)
+    path = step_dump.write_step_dump(tmp_path / "dump", 7, table)
+    assert path.name == "step_000007.parquet" and not list(path.parent.glob("*.tmp"))
+    got = pq.read_table(path)
+    assert got.schema.equals(step_dump.SCHEMA)
+    df = got.to_pandas()
+    assert len(df) == 3  # the padding row is left out
+    assert df.response_ids.map(list).tolist() == [[0, 1, 2], [6, 7], [12, 13, 14, 15]]
+    assert [len(x) for x in df.old_log_probs] == [3, 2, 4]
+    assert df.old_log_probs[2].tolist() == pytest.approx(rows.old_log_probs[2, :4].tolist())
+    assert df.acc.isna().tolist() == [False, False, True]  # NaN acc -> null
+    assert df.advantage.tolist() == pytest.approx([0.55, -0.55, 0.0])
+    assert df.guided.tolist() == [True, True, False] and df.is_expert.tolist() == [False, False, True]
+    assert df.expert_baseline.tolist() == pytest.approx([float(rows.old_log_probs[2, :4].sum())] * 2 + [0.0])
+
+
+def _grid():
+    """Shapes: (prompts, n, k, dp, mini prompts, log-prob micro per gpu or None (dynamic), groups without expert)."""
+    import itertools
+
+    for prompts, n, k, dp, mini, micro, missing in itertools.product(
+            (4, 6), (3, 5, 11), (1, 2), (1, 2, 4), (1, 2, 4), (1, 4, 6, None), (0, 1)):
+        if k < n - 1 and mini <= prompts and prompts % mini == 0 and missing < prompts:
+            yield prompts, n, k, dp, mini, micro, missing
+
+
+def test_every_calibrl_batch_shape_pads_into_whole_micro_batches_and_update_mini_batches():
+    """The padding arithmetic of the trainer (``_get_required_batch_multiple`` -> ``update_padding``) against the
+    constraints verl 0.9.1 asserts: the full step splits into whole log-prob micro-batches on every rank, the
+    on-policy update into whole mini-batches on every rank (engine_workers.py ~264-270, seqlen_balancing.py ~147),
+    or the shape is refused at start-up (``check_update_shape``)."""
+    from omegaconf import OmegaConf
+
+    from calibrl_verl.config import CalibRLConfigError
+    from calibrl_verl.main_calibrl import check_update_shape
+
+    checked = refused = 0
+    for prompts, n, k, dp, mini, micro, missing in _grid():
+        n_on = prompts * (n - k)
+        n_expert = (prompts - missing) * k
+        mini_rows = mini * (n - k)
+        config = OmegaConf.create({"trainer": {"n_gpus_per_node": dp, "nnodes": 1},
+                                   "actor_rollout_ref": {"rollout": {"n": n}, "actor": {
+                                       "ppo_mini_batch_size": mini}}})
+        cfg = CalibRLConfig(experts_per_group=k)
+        if mini_rows % dp:
+            with pytest.raises(CalibRLConfigError, match="actor_rollout_ref.actor.ppo_mini_batch_size="):
+                check_update_shape(config, cfg)
+            refused += 1
+            continue
+        check_update_shape(config, cfg)
+        full_multiple = dp * (micro or 1)
+        p_update, p_total = update_padding(n_on, n_expert, dp, mini_rows, full_multiple)
+        total, update = n_on + n_expert + p_total, n_on + p_update
+        assert total % full_multiple == 0  # every rank: whole log-prob micro-batches
+        assert 0 <= p_update <= p_total  # the update's padding rows come from the step's padding rows
+        assert update % dp == 0 and (update // dp) % (mini_rows // dp) == 0  # every rank: whole mini-batches
+        checked += 1
+    assert checked > 100 and refused > 10
+
+
+def test_the_refusal_names_a_mini_batch_that_works():
+    from omegaconf import OmegaConf
+
+    from calibrl_verl.config import CalibRLConfigError
+    from calibrl_verl.main_calibrl import check_update_shape
+
+    config = OmegaConf.create({"trainer": {"n_gpus_per_node": 8, "nnodes": 2}, "actor_rollout_ref": {
+        "rollout": {"n": 11}, "actor": {"ppo_mini_batch_size": 121}}})
+    with pytest.raises(CalibRLConfigError) as err:
+        check_update_shape(config, CalibRLConfig())
+    assert "121 x 10 on-policy rows" in str(err.value) and "ppo_mini_batch_size=128" in str(err.value)
+    config.actor_rollout_ref.actor.ppo_mini_batch_size = 128
+    check_update_shape(config, CalibRLConfig())  # 1280 rows over 16 ranks
+    config.actor_rollout_ref.actor.ppo_mini_batch_size = 121
+    check_update_shape(config, CalibRLConfig(loss_mode="luffy"))  # updates on all 11 rows: verl's own check

@@ -47,6 +47,7 @@ class CalibRLConfig:
     seed: int = 0
     reward_guard: bool = True
     seeded_rollouts: bool = False
+    dump_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_rate_range", tuple(float(x) for x in self.pass_rate_range))
@@ -64,6 +65,8 @@ class CalibRLConfig:
                 raise CalibRLConfigError(f"calibrl.{key}={value!r} is not allowed; choose one of {list(allowed)}")
         if not isinstance(self.expert_key, str) or not self.expert_key.strip():
             raise CalibRLConfigError(f"calibrl.expert_key={self.expert_key!r} must name a dataset column")
+        if self.dump_dir is not None and (not isinstance(self.dump_dir, str) or not self.dump_dir.strip()):
+            raise CalibRLConfigError(f"calibrl.dump_dir={self.dump_dir!r} must be null or a directory path")
 
     def _check_numbers(self) -> None:
         _require_int("experts_per_group", self.experts_per_group, minimum=0)

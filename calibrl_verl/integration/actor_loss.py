@@ -24,6 +24,7 @@ from calibrl_verl.integration.registry import LOSS_EXTRAS
 # TransferQueue fields the CalibRL trainer writes for every row (see integration.trainer).
 EXPERT_LOG_PROB = "calibrl_expert_log_prob"  # nested, response-aligned
 EXPERT_MASK = "calibrl_expert_mask"  # nested, response-aligned
+EXPERT_BASELINE = "calibrl_expert_baseline"  # (B,): S(l^e) over the whole expert, for the sequence gap
 CORRECT = "calibrl_correct"  # (B,)
 IS_EXPERT = "calibrl_is_expert"  # (B,): an active expert row (trained on by luffy / rlplus only)
 # loss-term metrics holding a micro-batch's share of the mini-batch mean (see aggregate_like_pg_loss)
@@ -38,6 +39,7 @@ def micro_batch_extras(data: TensorDict, cfg: CalibRLConfig) -> dict[str, Any]:
             "expert_log_prob": padded[EXPERT_LOG_PROB].float(),
             "expert_mask": padded[EXPERT_MASK].bool(),
             "correct": torch.as_tensor(data[CORRECT]).bool().reshape(-1),
+            "expert_baseline": torch.as_tensor(data[EXPERT_BASELINE]).float().reshape(-1),
             "calibrl": cfg,
         }
     return {"is_expert": torch.as_tensor(data[IS_EXPERT]).bool().reshape(-1)}

@@ -126,11 +126,19 @@ def calibrl_policy_loss(
     expert_mask: torch.Tensor | None = None,
     correct: torch.Tensor | None = None,
     calibrl: CalibRLConfig | None = None,
+    expert_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """L = L_pg + guide_coef * L_guide over on-policy rows (SPEC §1.7); expert rows are not passed in."""
-    got = _with_extras(expert_log_prob=expert_log_prob, expert_mask=expert_mask, correct=correct, calibrl=calibrl)
+    """L = L_pg + guide_coef * L_guide over on-policy rows (SPEC §1.7); expert rows are not passed in.
+
+    ``expert_baseline`` (B,): S(l^e) over the whole group expert, which the sequence gap needs (the per-token
+    expert fields are cut to each on-policy response's length); the trainer always passes it.
+    """
+    got = _with_extras(expert_log_prob=expert_log_prob, expert_mask=expert_mask, correct=correct, calibrl=calibrl,
+                       expert_baseline=expert_baseline)
     expert_log_prob, expert_mask, correct, calibrl = (got["expert_log_prob"], got["expert_mask"], got["correct"],
                                                       got["calibrl"])
+    if calibrl is not None and calibrl.gap == "sequence":
+        _require("calibrl (gap=sequence)", expert_baseline=got["expert_baseline"])
     _require("calibrl", expert_log_prob=expert_log_prob, expert_mask=expert_mask, correct=correct, calibrl=calibrl)
     info = _global_info(config, response_mask)
     pg_loss, metrics = _ppo_surrogate(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -138,7 +146,7 @@ def calibrl_policy_loss(
     guide, guide_metrics = core_algos.compute_calibrl_guide_loss(
         log_prob, expert_log_prob, expert_mask, advantages, correct, response_mask,
         alpha=calibrl.alpha, gap=calibrl.gap, tail=calibrl.tail, sequence_norm=calibrl.sequence_norm,
-        loss_agg_mode=loss_agg_mode, **info,
+        loss_agg_mode=loss_agg_mode, expert_baseline=got["expert_baseline"], **info,
     )
     # this micro-batch's share of the mini-batch mean (normalised like pg_loss); actor_loss aggregates it like
     # verl aggregates pg_loss, so the logged value does not depend on how rows were split into micro-batches

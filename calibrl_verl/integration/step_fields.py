@@ -44,6 +44,7 @@ class StepFields:
     advantages: torch.Tensor  # (B, T)
     expert_log_prob: torch.Tensor  # (B, T): the group expert's old log-probs, position-aligned (on-policy rows)
     expert_mask: torch.Tensor  # (B, T) bool: where that expert has a token; all false without an active expert
+    expert_baseline: torch.Tensor  # (B,): S(l^e) over the WHOLE group expert (sequence gap), 0 without one
     correct: torch.Tensor  # (B,) bool
     active_expert: torch.Tensor  # (B,) bool: expert rows whose group uses its expert this step
     metrics: dict[str, float]
@@ -116,12 +117,27 @@ def compute_step_fields(cfg: CalibRLConfig, rows: StepRows) -> StepFields:
     src = expert_idx.clamp(min=0)
     expert_mask = rows.response_mask[src].bool() & guided.unsqueeze(-1)
     expert_log_prob = torch.where(expert_mask, rows.old_log_probs[src].float(), 0.0)
+    # here T spans every row of the step, so the expert is whole; the per-token fields are later cut to each
+    # on-policy response's length, which is why the sequence gap's baseline travels as its own per-row value
+    expert_baseline = core_algos.expert_sequence_baseline(expert_log_prob, expert_mask, cfg.sequence_norm)
     active_expert = rows.is_expert & ~rows.is_padding & keep
     if cfg.loss_mode in ("luffy", "rlplus"):
         adv = adv + active_expert_advantage(token_rewards, rows.response_mask, rows.uids, rows.is_expert,
                                             rows.is_padding, active_expert, cfg.norm_adv_by_std)
-    return StepFields(adv, expert_log_prob, expert_mask, correct, active_expert,
+    return StepFields(adv, expert_log_prob, expert_mask, expert_baseline, correct, active_expert,
                       step_metrics(rows, adv, keep, correct))
+
+
+def update_response_mask(rows: StepRows, active_expert: torch.Tensor) -> torch.Tensor:
+    """The response mask the update trains with: inactive expert rows (their group does not use its expert this
+    step, e.g. outside ``pass_rate_range``) get an all-zero mask, the rest keep theirs. (B, T)
+
+    LUFFY / RL-PLUS keep expert rows in the update. An inactive one has A = 0, but its tokens would still count in
+    the token-mean denominator and get entropy / KL terms; a zero mask makes it a no-op exactly as verl makes its
+    own padding rows no-ops (verl 0.9.1 ``padding_utils.py``: ``response_mask`` / ``loss_mask`` all zero).
+    """
+    inactive = rows.is_expert & ~rows.is_padding & ~active_expert
+    return rows.response_mask * (~inactive).unsqueeze(-1).to(rows.response_mask.dtype)
 
 
 def active_expert_advantage(token_rewards: torch.Tensor, response_mask: torch.Tensor, uids: np.ndarray,

@@ -13,7 +13,9 @@ stages overridden, each calling verl's own implementation for the work verl alre
    rollout-vs-actor metrics are recomputed over on-policy rows only.
 4. ``_compute_advantage``: CalibRL advantages through verl's own ``compute_advantage`` (the registered
    ``calibrl`` estimator, with expert and padding rows out of the statistics), then per-row correctness and
-   each on-policy row's group-expert log-probs and mask, written to TransferQueue for the loss.
+   each on-policy row's group-expert log-probs, mask and whole-expert baseline (sequence gap), written to
+   TransferQueue for the loss; LUFFY / RL-PLUS expert rows whose group does not use its expert get a zero update
+   mask. With ``calibrl.dump_dir`` the step's rows are also written to a parquet file (``step_dump``).
 5. ``_update_actor``: the update sees only on-policy rows (``calibrl``); LUFFY / RL-PLUS train on the expert
    rows too. The loss is installed once with ``set_loss_fn`` (``actor_loss.calibrl_actor_loss``).
 6. ``_compute_metrics``: verl's metrics over on-policy rows, plus the ``calibrl/*`` metrics.
@@ -40,10 +42,17 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.debug.metrics import calculate_debug_metrics
 from verl.workers.utils.padding import response_to_nested
 
+from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
-from calibrl_verl.integration import actor_loss
+from calibrl_verl.integration import actor_loss, step_dump
 from calibrl_verl.integration.registry import ADV_EXTRAS
-from calibrl_verl.integration.step_fields import StepRows, compute_step_fields, fault_metrics, update_padding
+from calibrl_verl.integration.step_fields import (
+    StepRows,
+    compute_step_fields,
+    fault_metrics,
+    update_padding,
+    update_response_mask,
+)
 
 TRAINER_NAME = "calibrl"
 # verl 0.9.1's sync ReplayBuffer polls TransferQueue for finished rollouts every 2 s (a constructor default no
@@ -64,6 +73,7 @@ class CalibRLTrainer(PPOTrainerSync):
         super().__init__(config)
         self._update_keys: list[str] | None = None
         self._balance_target: tuple[int, int] | None = None
+        self._fixed_multiple: int | None = None
 
     # -- set-up -------------------------------------------------------------------------------------------
     @property
@@ -139,6 +149,8 @@ class CalibRLTrainer(PPOTrainerSync):
         p_sub padding rows, which must fill whole mini-batches of ppo_mini_batch_size * n_onpolicy rows on
         every rank, while the full batch (experts included) must split evenly over the dp ranks.
         """
+        if self._fixed_multiple is not None:
+            return self._fixed_multiple
         if self._balance_target is None:
             multiple = super()._get_required_batch_multiple(dp_size)
             # groups of n or n - k rows (mixing, missing experts): also whole log-prob micro-batches per rank
@@ -190,7 +202,12 @@ class CalibRLTrainer(PPOTrainerSync):
     # -- 4. advantages, correctness, expert alignment ---------------------------------------------------------
     def _compute_advantage(self, batch, metrics):
         if self.calibrl.n_expert == 0:
-            return super()._compute_advantage(batch, metrics)
+            batch = super()._compute_advantage(batch, metrics)
+            if self.calibrl.dump_dir:
+                rows, _ = self._step_rows(batch)
+                correct = core_algos.correctness_sign(rows.scores, rows.acc, self.calibrl.pass_threshold)
+                self._dump_step(batch, rows, correct, torch.zeros_like(correct), torch.zeros(len(correct)))
+            return batch
         keys, partition_id = list(batch.keys), batch.partition_id
         rows, response_mask = self._step_rows(batch)
         fields = compute_step_fields(self.calibrl, rows)
@@ -204,13 +221,35 @@ class CalibRLTrainer(PPOTrainerSync):
             batch = super()._compute_advantage(batch, metrics)
         finally:
             ADV_EXTRAS.reset(token)
+        fields_out = {}
+        if offpolicy:  # inactive expert rows would otherwise still count in the update (see update_response_mask)
+            mask = update_response_mask(rows, fields.active_expert)
+            metrics["calibrl/inactive_expert_rows"] = float((rows.response_mask.any(-1) & ~mask.any(-1)).sum())
+            fields_out["response_mask"] = response_to_nested(mask.to(response_mask.dtype), response_mask)
         out = TensorDict({
+            **fields_out,
             actor_loss.EXPERT_LOG_PROB: response_to_nested(fields.expert_log_prob, response_mask),
             actor_loss.EXPERT_MASK: response_to_nested(fields.expert_mask.float(), response_mask),
+            actor_loss.EXPERT_BASELINE: fields.expert_baseline.float(),
             actor_loss.CORRECT: fields.correct.float(),
             actor_loss.IS_EXPERT: fields.active_expert.float(),
         }, batch_size=len(keys))
-        return tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=out)
+        batch = tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=out)
+        if self.calibrl.dump_dir:
+            guided = rows.onpolicy & fields.expert_mask.any(-1) & (self.calibrl.loss_mode == "calibrl")
+            self._dump_step(batch, rows, fields.correct, guided, fields.expert_baseline)
+        return batch
+
+    def _dump_step(self, batch, rows: StepRows, correct: torch.Tensor, guided: torch.Tensor,
+                   expert_baseline: torch.Tensor) -> None:
+        """``calibrl.dump_dir``: the step's rows with the advantages verl stored for the update (step_dump.py)."""
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["advantages", "responses"])
+        padded = data.to_padded_tensor()
+        table = step_dump.step_table(self.global_steps, rows.uids, rows.is_expert, rows.is_padding,
+                                     padded["responses"], rows.response_mask, rows.old_log_probs, rows.scores,
+                                     rows.acc, correct, padded["advantages"], guided, expert_baseline)
+        step_dump.write_step_dump(self.calibrl.dump_dir, self.global_steps, table)
 
     def _step_rows(self, batch) -> tuple[StepRows, Any]:
         """Read the step's rows from TransferQueue into the plain tensors ``compute_step_fields`` takes."""
@@ -237,11 +276,13 @@ class CalibRLTrainer(PPOTrainerSync):
             return batch
         keys = self._update_keys if self._update_keys is not None else self._onpolicy_keys(batch)
         sub = batch.select_keys(keys)
-        self._balance_target = (len(sub), 0)  # already divisible: verl's balancer only reorders over ranks
+        # already sized for the update (whole mini-batches on every rank, see _get_required_batch_multiple):
+        # verl's balancer must only reorder the rows over ranks, never pad them to the log-prob pass's multiple
+        self._fixed_multiple = len(sub)
         try:
             sub = super()._balance_batch(sub, metrics, logging_prefix="calibrl/update_seqlen")
         finally:
-            self._balance_target = None
+            self._fixed_multiple = None
         with self._rollout_n(self.n_onpolicy):
             super()._update_actor(sub, metrics)
         _move_loss_metrics(metrics)

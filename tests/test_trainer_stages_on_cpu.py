@@ -1,0 +1,103 @@
+"""Stages of the CalibRL trainer (integration/trainer.py) on real inputs, without a Ray cluster.
+
+The trainer's methods that need only their own state (the injection decision, the reward's `acc` reader) run on
+an instance whose verl set-up is skipped; the end-to-end stages run in the smoke tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import NonTensorStack, TensorDict
+
+from calibrl_verl import core_algos as ca
+from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
+from calibrl_verl.integration.trainer import CalibRLTrainer, _reward_acc
+
+
+def _trainer(step: int, **calibrl: object) -> CalibRLTrainer:
+    """The real trainer class with only the state ``_expert_injection`` reads (verl's __init__ needs Ray)."""
+    trainer = object.__new__(CalibRLTrainer)
+    trainer.calibrl = CalibRLConfig(**calibrl)
+    trainer.global_steps = step
+    return trainer
+
+
+def _batch(texts: list[object], key: str = "solution") -> TensorDict:
+    return TensorDict({key: NonTensorStack(*texts), "index": torch.arange(len(texts))}, batch_size=[len(texts)])
+
+
+def test_injection_skips_prompts_without_usable_expert_text():
+    texts = ["<think>a</think><answer>1</answer>", "", "   \n", None, "<think>b</think><answer>2</answer>"]
+    assert _trainer(1)._expert_injection(_batch(texts)).tolist() == [True, False, False, False, True]
+
+
+def test_injection_is_off_during_the_grpo_warm_up_and_on_after_it():
+    texts = ["<think>a</think><answer>1</answer>"] * 3
+    trainer = _trainer(2, warmup_grpo_steps=2)
+    assert not trainer._expert_injection(_batch(texts)).any()  # steps 1..2 are plain GRPO
+    trainer.global_steps = 3
+    assert trainer._expert_injection(_batch(texts)).all()
+
+
+def test_random_mixing_draws_are_reproducible_per_seed_and_step():
+    texts = ["<think>a</think><answer>1</answer>"] * 64
+
+    def draw(seed: int, step: int) -> list[bool]:
+        return _trainer(step, mix_policy="random", mix_ratio=0.5, seed=seed)._expert_injection(_batch(texts)).tolist()
+
+    assert draw(3, 5) == draw(3, 5)  # a resumed run draws what the uninterrupted one drew
+    assert draw(3, 5) != draw(3, 6) and draw(3, 5) != draw(4, 5)
+    assert 16 < sum(draw(3, 5)) < 48  # about mix_ratio of the groups
+    assert not any(_trainer(5, mix_policy="random", mix_ratio=0.0)._expert_injection(_batch(texts)).tolist())
+
+
+def test_a_missing_expert_column_is_named():
+    with pytest.raises(CalibRLConfigError, match=r"calibrl.expert_key='solution': the training data has no such "
+                                                 r"column \(columns: \['cot', 'index'\]\)"):
+        _trainer(1)._expert_injection(_batch(["x"], key="cot"))
+
+
+def test_reward_acc_is_read_only_from_dict_results_that_carry_it():
+    with_acc = [{"reward_extra_info": {"score": 1.1, "acc": 1.0}}, {"reward_extra_info": {"score": 0.1, "acc": 0.0}}]
+    assert _reward_acc(with_acc).tolist() == [1.0, 0.0]
+    # a float reward: verl 0.9.1's reward manager stores it as {"acc": score}, which is not an accuracy
+    assert _reward_acc([{"reward_extra_info": {"acc": 1.1}}, {"reward_extra_info": {"acc": 0.0}}]) is None
+    # a dict without acc, a row without reward info, no rows: correctness falls back to the threshold
+    assert _reward_acc([{"reward_extra_info": {"score": 1.0}}]) is None
+    assert _reward_acc([with_acc[0], {}]) is None
+    assert _reward_acc([]) is None
+
+
+@pytest.mark.parametrize("gap", ["token", "sequence"])
+def test_a_step_without_expert_rows_has_an_exactly_zero_guide_term_and_gradient(gap):
+    """Warm-up (and any group without an active expert): all-false expert masks give L_guide = 0 and no gradient."""
+    gen = torch.Generator().manual_seed(0)
+    resp = torch.ones(4, 6)
+    log_prob = (-torch.rand(4, 6, generator=gen)).requires_grad_()
+    loss, metrics = ca.compute_calibrl_guide_loss(
+        log_prob, -torch.rand(4, 6, generator=gen), torch.zeros(4, 6, dtype=torch.bool),
+        torch.randn(4, 1, generator=gen).expand(4, 6), torch.tensor([True, False, True, False]), resp, gap=gap,
+        expert_baseline=torch.zeros(4) if gap == "sequence" else None)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(log_prob.grad) == 0
+    assert metrics["guided_frac"] == 0.0
+
+
+
+def test_the_update_subset_keeps_its_size_when_verl_rebalances_it():
+    """The shape from the bug report (ppo_mini_batch_size=1, log-prob micro-batch 6, 4 prompts x (4 + 1)): the
+    step pads to whole log-prob micro-batches (24 rows), the update re-balance of the 16 on-policy rows must not
+    pad them to that multiple (18 rows broke verl's 4-row mini-batches)."""
+    from omegaconf import OmegaConf
+
+    trainer = _trainer(1)
+    trainer.config = OmegaConf.create({"actor_rollout_ref": {
+        "actor": {"ppo_mini_batch_size": 1},
+        "rollout": {"n": 5, "log_prob_micro_batch_size_per_gpu": 6, "log_prob_use_dynamic_bsz": False}}})
+    trainer._fixed_multiple = None
+    trainer._balance_target = (16, 4)  # as _balance_batch sets it: 16 on-policy rows, 4 expert rows
+    assert trainer._get_required_batch_multiple(1) == 24  # verl pads the step to a multiple of this
+    assert trainer._balance_target == (16, 4)  # no update padding needed: 16 rows are 4 mini-batches of 4
+    trainer._balance_target, trainer._fixed_multiple = None, 16  # as _update_actor re-balances the subset
+    assert trainer._get_required_batch_multiple(1) == 16
