@@ -37,10 +37,12 @@ SPLIT_DEPENDENT = {"calibrl/gate_full_frac", "calibrl/gap_mean", "calibrl/guided
 # a batch: compared with an absolute tolerance at that scale (stale or unsynced weights give 1e-2 and more)
 NOISE_PREFIXES = ("rollout_corr/", "training/rollout_")
 NOISE_ABS_TOL = 1e-4
-# the gradient norm once differed by 0.16% (0.16136 vs 0.16110) between two runs whose step-3 losses, entropy and
-# rollouts agreed to 1e-5 or better (same parameters, same data): CPU backward kernels are not bit-deterministic
-# under thread contention. A wrong restore (parameters, data order) moves losses and entropy too, checked tightly.
-GRAD_NORM_REL_TOL = 1e-2
+# Step-3 metrics of the two runs agree to ~1e-5 relative in most runs, but not always: rows reach TransferQueue in
+# the order vLLM finishes them, so micro-batches can hold other rows and gradients are summed in another order;
+# Adam's normalisation turns that float noise on near-zero-gradient parameters into updates of up to lr. Seen
+# over 9 runs: actor/grad_norm 1.6e-3, calibrl/guide_loss 5e-4, calibrl/expert_logprob_mean 1.4e-4 relative.
+# A wrong restore (parameters, data order) moves these by orders of magnitude more; rollouts are compared exactly.
+METRIC_REL_TOL = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +181,8 @@ def test_killed_run_resumes_to_the_same_next_step(out: Path) -> None:
     assert keys == sorted(k for k in b if not k.startswith(UNTIMED))
     assert {"actor/pg_loss", "calibrl/guide_loss", "actor/grad_norm", "actor/entropy"} <= set(keys)
     def same(key: str) -> bool:
-        rel = GRAD_NORM_REL_TOL if key == "actor/grad_norm" else 1e-4
-        return a[key] == pytest.approx(b[key], rel=rel, abs=NOISE_ABS_TOL if key.startswith(NOISE_PREFIXES) else 1e-6)
+        return a[key] == pytest.approx(b[key], rel=METRIC_REL_TOL,
+                                       abs=NOISE_ABS_TOL if key.startswith(NOISE_PREFIXES) else 1e-6)
 
     mismatched = {k: (a[k], b[k]) for k in set(keys) - SPLIT_DEPENDENT if not same(k)}
     assert not mismatched, mismatched
