@@ -313,6 +313,7 @@ class VLLMBackend:
             # the KV cache (and refuses to start when that much is not free); vllm/platforms/cpu.py turns this
             # variable (GiB) into cache_config.kv_cache_memory_bytes instead. Set before the engine is built.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            kwargs["enforce_eager"] = True  # no model compile on CPU: ~20 s of start-up (see cpu/settings.py)
         self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=max_model_len, **kwargs)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 

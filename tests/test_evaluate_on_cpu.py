@@ -180,7 +180,7 @@ def test_backend_choice_and_vllm_inputs(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @needs_vllm
-def test_vllm_backend_on_cpu_uses_float32_and_a_bounded_kv_cache(
+def test_vllm_backend_on_cpu_uses_float32_eager_and_a_bounded_kv_cache(
     tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The LLM kwargs per platform, vLLM's engine replaced by a recorder (the real engine runs in the next test)."""
@@ -200,7 +200,8 @@ def test_vllm_backend_on_cpu_uses_float32_and_a_bounded_kv_cache(
 
     monkeypatch.setattr(evaluate, "vllm_on_cpu", lambda: True)
     evaluate.VLLMBackend(str(tiny["model"]), 7, tp=2, max_images=1, max_model_len=512)
-    assert built[-1] == {**common, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32"}
+    assert built[-1] == {**common, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32",
+                         "enforce_eager": True}  # no model compile on CPU
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a value the user set is kept
     evaluate.VLLMBackend(str(tiny["model"]), 7, tp=1, max_images=0, max_model_len=None)

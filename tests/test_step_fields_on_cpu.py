@@ -159,7 +159,7 @@ def test_step_dump_has_one_row_per_real_row_with_the_documented_schema(tmp_path)
     guided = rows.onpolicy & f.expert_mask.any(-1)
     table = step_dump.step_table(7, rows.uids, rows.is_expert, rows.is_padding, responses, rows.response_mask,
                                  rows.old_log_probs, rows.scores, rows.acc, f.correct, f.advantages, guided,
-                                 f.expert_baseline)
+                                 f.expert_baseline, f.active_expert)
     path = step_dump.write_step_dump(tmp_path / "dump", 7, table)
     assert path.name == "step_000007.parquet" and not list(path.parent.glob("*.tmp"))
     got = pq.read_table(path)
@@ -173,6 +173,7 @@ def test_step_dump_has_one_row_per_real_row_with_the_documented_schema(tmp_path)
     assert df.advantage.tolist() == pytest.approx([0.55, -0.55, 0.0])
     assert df.guided.tolist() == [True, True, False] and df.is_expert.tolist() == [False, False, True]
     assert df.expert_baseline.tolist() == pytest.approx([float(rows.old_log_probs[2, :4].sum())] * 2 + [0.0])
+    assert df.expert_active.tolist() == [False, False, True]
 
 
 def _grid():

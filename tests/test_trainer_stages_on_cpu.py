@@ -101,3 +101,42 @@ def test_the_update_subset_keeps_its_size_when_verl_rebalances_it():
     assert trainer._balance_target == (16, 4)  # no update padding needed: 16 rows are 4 mini-batches of 4
     trainer._balance_target, trainer._fixed_multiple = None, 16  # as _update_actor re-balances the subset
     assert trainer._get_required_batch_multiple(1) == 16
+
+
+def test_rows_are_put_in_a_canonical_order_before_verl_balances_them():
+    """The same samples arriving in another order (rollout completion order) get the same ranks and the same
+    places in them, through verl 0.9.1's own ``_balance_batch``, once the trainer sorts them by (prompt position,
+    session); uids differ per run, the prompts' positions in the data batch do not."""
+    import random
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from transfer_queue import KVBatchMeta
+
+    from calibrl_verl.integration.trainer import canonical_row_order
+
+    def balanced(uids: list[str], arrival: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        trainer = _trainer(3, loss_mode="grpo")
+        trainer.config = OmegaConf.create({"trainer": {"critic_warmup": 0}, "actor_rollout_ref": {
+            "actor": {"ppo_mini_batch_size": 2}, "rollout": {"n": 4}}})
+        trainer.use_critic, trainer.tokenizer = False, SimpleNamespace(eos_token_id=0)  # no padding row is built
+        trainer.actor_rollout_wg = SimpleNamespace(_dispatch_info={"actor": [0, 1]})  # dp = 2
+        trainer._balance_target, trainer._fixed_multiple = None, None
+        trainer._prompt_position = {uid: i for i, uid in enumerate(uids)}
+        keys = [f"{uids[p]}_{s}_0" for p, s in arrival]
+        lengths = {(p, s): 10 + (p * 7 + s * 3) % 5 for p in range(4) for s in range(4)}  # equal lengths: ties
+        batch = KVBatchMeta(keys=keys, tags=[{"seq_len": lengths[a]} for a in arrival], partition_id="train")
+        out = trainer._balance_batch(batch, {})
+        by_key = {f"{uids[p]}_{s}_0": (p, s) for p, s in arrival}
+        return [by_key[k] for k in out.keys]
+
+    rows = [(p, s) for p in range(4) for s in range(4)]
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    first = balanced([f"u{i}-a" for i in range(4)], rows)
+    assert balanced([f"u{i}-b" for i in range(4)], shuffled) == first  # other uids, other arrival order
+    assert sorted(first) == rows and first != rows  # every row once, in verl's balanced order
+    # the order itself: prompt position, then session, then turn; unknown uids (padding) last
+    keys = ["b_1_0", "pad_0_0", "a_0_1", "b_0_0", "a_0_0", "a_10_0", "a_2_0"]
+    assert [keys[i] for i in canonical_row_order(keys, {"a": 0, "b": 1})] == [
+        "a_0_0", "a_0_1", "a_2_0", "a_10_0", "b_0_0", "b_1_0", "pad_0_0"]

@@ -47,6 +47,7 @@ from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.integration import actor_loss, step_dump
 from calibrl_verl.integration.registry import ADV_EXTRAS
 from calibrl_verl.integration.step_fields import (
+    StepFields,
     StepRows,
     compute_step_fields,
     fault_metrics,
@@ -74,6 +75,7 @@ class CalibRLTrainer(PPOTrainerSync):
         self._update_keys: list[str] | None = None
         self._balance_target: tuple[int, int] | None = None
         self._fixed_multiple: int | None = None
+        self._prompt_position: dict[str, int] = {}
 
     # -- set-up -------------------------------------------------------------------------------------------
     @property
@@ -102,6 +104,7 @@ class CalibRLTrainer(PPOTrainerSync):
     # -- 1. which groups get their expert -------------------------------------------------------------------
     def _next_train_batch(self, num_prompts: int | None = None) -> TensorDict:
         batch = super()._next_train_batch(num_prompts)
+        self._prompt_position = {str(uid): i for i, uid in enumerate(_as_list(batch["uid"]))}
         if self.calibrl.n_expert == 0:
             return batch
         inject = self._expert_injection(batch)
@@ -128,6 +131,8 @@ class CalibRLTrainer(PPOTrainerSync):
 
     # -- 2. padding for the on-policy update ------------------------------------------------------------------
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        if self._balance_target is None and self._fixed_multiple is None:  # the step's batch, as generated
+            batch.reorder(canonical_row_order(batch.keys, self._prompt_position))
         if not self.drops_experts or self._balance_target is not None:
             return super()._balance_batch(batch, metrics, logging_prefix, keep_minibatch)
         expert = self._expert_flags(batch)
@@ -237,18 +242,18 @@ class CalibRLTrainer(PPOTrainerSync):
         batch = tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=out)
         if self.calibrl.dump_dir:
             guided = rows.onpolicy & fields.expert_mask.any(-1) & (self.calibrl.loss_mode == "calibrl")
-            self._dump_step(batch, rows, fields.correct, guided, fields.expert_baseline)
+            self._dump_step(batch, rows, fields, guided)
         return batch
 
-    def _dump_step(self, batch, rows: StepRows, correct: torch.Tensor, guided: torch.Tensor,
-                   expert_baseline: torch.Tensor) -> None:
+    def _dump_step(self, batch, rows: StepRows, fields: StepFields, guided: torch.Tensor) -> None:
         """``calibrl.dump_dir``: the step's rows with the advantages verl stored for the update (step_dump.py)."""
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
                                select_fields=["advantages", "responses"])
         padded = data.to_padded_tensor()
         table = step_dump.step_table(self.global_steps, rows.uids, rows.is_expert, rows.is_padding,
                                      padded["responses"], rows.response_mask, rows.old_log_probs, rows.scores,
-                                     rows.acc, correct, padded["advantages"], guided, expert_baseline)
+                                     rows.acc, fields.correct, padded["advantages"], guided,
+                                     fields.expert_baseline, fields.active_expert)
         step_dump.write_step_dump(self.calibrl.dump_dir, self.global_steps, table)
 
     def _step_rows(self, batch) -> tuple[StepRows, Any]:
@@ -329,6 +334,23 @@ class CalibRLTrainer(PPOTrainerSync):
         expert = self._expert_flags(batch, extra)
         padding = self._padding_flags(batch)
         return [k for k, e, p in zip(batch.keys, expert, padding, strict=True) if not e and (keep_padding or not p)]
+
+
+def canonical_row_order(keys: list[str], prompt_position: dict[str, int]) -> list[int]:
+    """Indexes that sort a step's rows by (prompt's place in the data batch, sample's session, turn).
+
+    Rows reach TransferQueue in the order the rollout finishes them (agent_loop_tq.py), and verl's balancer
+    (``get_seqlen_balanced_partitions``) breaks ties between equal lengths by position, so the same samples
+    could land in other micro-batches on another run, and gradients were summed in another order (Adam then
+    turns float noise on near-zero gradients into visible updates). Sorted first, a resumed run repeats the
+    uninterrupted run's update. Keys are verl's ``{uid}_{session_id}_{turn}``; uids are random per run, so the
+    prompt's position in ``_next_train_batch`` stands for them (unknown uids sort last, by uid).
+    """
+    def sort_key(i: int) -> tuple[int, str, int, int]:
+        uid, session, turn = keys[i].rsplit("_", 2)
+        return prompt_position.get(uid, len(prompt_position)), uid, int(session), int(turn)
+
+    return sorted(range(len(keys)), key=sort_key)
 
 
 def _as_list(value: Any) -> list:
