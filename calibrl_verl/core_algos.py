@@ -11,7 +11,8 @@ s_i = +1 / -1 its correctness sign, l^e_t = log pi_old(e_t | q, e_<t) the expert
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -195,9 +196,10 @@ def aggregate_loss(
     N_tokens / N_seqs are the global counts verl passes (``batch_num_tokens`` / ``global_batch_size``) so a
     micro-batch's loss sums to the mini-batch mean across micro-batches and dp ranks; without them the local
     counts are used, and an all-empty mask gives 0 (verl's gives NaN). Re-derived from verl 0.9.1's
-    ``agg_loss`` (kept torch-only here); a test pins the two equal for every mode.
+    ``agg_loss`` (kept torch-only here); a test pins the two equal for every mode. The guide loss uses the same
+    aggregation in its per-row form, ``_row_agg_weights``.
     """
-    mask = loss_mask.to(loss_mat.dtype)
+    mask = _float_mask(loss_mask, loss_mat.dtype)
     if loss_agg_mode == "token-mean":
         denom = mask.sum().clamp(min=1.0) if batch_num_tokens is None else batch_num_tokens
         return (loss_mat * mask).sum() / denom * dp_size
@@ -217,9 +219,75 @@ def aggregate_loss(
     raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
 
 
+def _row_agg_weights(
+    seq_tokens: torch.Tensor,
+    loss_agg_mode: str,
+    horizon: int,
+    dp_size: int = 1,
+    batch_num_tokens: float | torch.Tensor | None = None,
+    global_batch_size: float | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
+) -> torch.Tensor:
+    """``aggregate_loss`` as per-row weights a_i:  aggregate_loss(l, m) = sum_i a_i * sum_t m_{i,t} l_{i,t}.
+
+    ``seq_tokens`` (B,) float32 holds sum_t m per row; ``horizon`` is T (the default loss_scale_factor). The guide
+    loss reduces its tokens per row first, so its value and gradient need only these (B,) weights.
+    """
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
+    if loss_agg_mode == "token-mean":
+        denom = seq_tokens.sum().clamp(min=1.0) if batch_num_tokens is None else batch_num_tokens
+        return torch.full_like(seq_tokens, dp_size) / denom
+    if loss_agg_mode == "token-sum":
+        return torch.full_like(seq_tokens, dp_size)
+    seq_valid = (seq_tokens > 0).to(seq_tokens.dtype)
+    denom = seq_valid.sum().clamp(min=1.0) if global_batch_size is None else global_batch_size
+    weights = seq_valid * dp_size / denom
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        weights = weights / (loss_scale_factor if loss_scale_factor is not None else horizon)
+    elif loss_agg_mode == "seq-mean-token-mean":
+        weights = weights / (seq_tokens + 1e-8)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The guide loss (SPEC §1.7). One pass per step over the (B, T) tensors where eager torch allows it: masks as
+# float (a bool mask in a float op is a slow mixed-dtype kernel), scratch tensors updated in place, per-token sums
+# reduced per row first, the gradient formed next to the loss (backward is then one multiply), and every metric
+# read from those intermediates with a single host synchronisation.
+# ----------------------------------------------------------------------------------------------------------
+def _float_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A mask as ``dtype``; bool goes through a uint8 view, whose cast is vectorised (bool's: ~2.5x slower on CPU)."""
+    return mask.view(torch.uint8).to(dtype) if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _row_count(mask: torch.Tensor) -> torch.Tensor:
+    """sum_t mask per row as float32, for a bool mask, without a float copy (bool's own sum: ~1.5x slower on CPU)."""
+    return mask.view(torch.uint8).sum(dim=-1, dtype=torch.int32).float()
+
+
+def _row_any(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.any(-1)`` for a bool mask, as a uint8 max (a vectorised reduction; bool's ``any``: ~30x slower on CPU)."""
+    if mask.shape[-1] == 0:
+        return torch.zeros(mask.shape[:-1], dtype=torch.bool, device=mask.device)
+    return mask.view(torch.uint8).amax(dim=-1) > 0
+
+
 def _row_abs_advantage(advantages: torch.Tensor) -> torch.Tensor:
-    """|A_i| per row from verl's (B, T) advantages (A_i on response tokens, 0 on padding) or a (B,) vector."""
-    return advantages.abs() if advantages.dim() == 1 else advantages.abs().amax(dim=-1)
+    """|A_i| per row (float32) from verl's (B, T) advantages (A_i on response tokens, 0 on padding) or a (B,) vector.
+
+    max_t |a_t| = max(max_t a_t, -min_t a_t): two reductions instead of a (B, T) ``abs`` copy and a third one.
+    """
+    if advantages.dim() == 1:
+        return advantages.float().abs()
+    return torch.maximum(advantages.amax(dim=-1), advantages.amin(dim=-1).neg()).float()
+
+
+def _floored(log_prob: torch.Tensor) -> torch.Tensor:
+    """A new float32 tensor max(log_prob, LOG_PROB_FLOOR) (one pass for float32 input)."""
+    if log_prob.dtype == torch.float32:
+        return log_prob.clamp(min=LOG_PROB_FLOOR)
+    return log_prob.float().clamp_(min=LOG_PROB_FLOOR)
 
 
 def _check_guide_args(gap: str, tail: str, sequence_norm: str, alpha: float) -> None:
@@ -248,6 +316,41 @@ def expert_sequence_baseline(expert_log_prob: torch.Tensor, expert_mask: torch.T
     return total / emask.sum(-1).clamp(min=1) if sequence_norm == "mean" else total
 
 
+class _GuideParts(NamedTuple):
+    """What a guide mode hands back: the loss value, its gradient (``_LossWithGradient``) and per-row metric terms."""
+
+    value: torch.Tensor
+    grad_mat: torch.Tensor | None  # (B, T), None without autograd
+    grad_row: torch.Tensor | None  # (B,) scale of grad_mat's rows, or None
+    stats: torch.Tensor  # (4, B), see _guide_metrics
+
+
+class _LossWithGradient(torch.autograd.Function):
+    """Attach to a loss value, computed without autograd, the gradient w.r.t. ``log_prob`` formed next to it:
+
+        d loss / d log_prob = upstream * grad_mat * grad_row[:, None]   (grad_row optional, grad_mat float or bool)
+
+    and 0 where log_prob < LOG_PROB_FLOOR (the floor's clamp), applied only when ``floored`` says such a token
+    exists. One (B, T) pass instead of autograd replaying the forward's chain of element-wise ops backwards.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, log_prob: torch.Tensor, value: torch.Tensor, grad_mat: torch.Tensor,
+                grad_row: torch.Tensor | None, floored: bool) -> torch.Tensor:
+        ctx.floored, ctx.dtype = floored, log_prob.dtype
+        ctx.save_for_backward(log_prob if floored else None, grad_mat, grad_row)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        log_prob, grad_mat, grad_row = ctx.saved_tensors
+        scale = upstream if grad_row is None else (grad_row * upstream).unsqueeze(-1)
+        grad = torch.where(grad_mat, scale, 0.0) if grad_mat.dtype == torch.bool else grad_mat * scale
+        if ctx.floored:
+            grad = torch.where(log_prob >= LOG_PROB_FLOOR, grad, 0.0)
+        return grad.to(ctx.dtype), None, None, None, None
+
+
 def compute_calibrl_guide_loss(
     log_prob: torch.Tensor,
     expert_log_prob: torch.Tensor,
@@ -273,12 +376,12 @@ def compute_calibrl_guide_loss(
     has an all-false ``expert_mask`` and adds nothing (but still counts in the denominator).
     s_i = +1 if ``correct[i]`` else -1.
 
-    Token mode (authors' code, default):
+    Token mode (authors' code, default; ``_token_guide``):
         d_{i,t} = log pi_theta(o_{i,t}) - l^e_t
         g_{i,t} = |A_i| * LeakyReLU_alpha(-s_i * d_{i,t})
         L_guide = agg_{loss_agg_mode}(g over response tokens; tokens without expert counterpart add 0)
         Past the expert's last token, tail="zero" uses l^e_t = 0 and tail="mask" drops the token from the sum.
-    Sequence mode (the paper's eq. 9):
+    Sequence mode (the paper's eq. 9; ``_sequence_guide``):
         d_i = S(log pi_theta(o_i)) - S(l^e),  S = sum over tokens (sequence_norm="sum") or mean ("mean")
         g_i = |A_i| * LeakyReLU_alpha(-s_i * d_i)
         L_guide = sum_i g_i / N_responses   (every on-policy response counts, ``global_batch_size`` if given)
@@ -286,67 +389,146 @@ def compute_calibrl_guide_loss(
         response (as verl's micro-batches are) can cut a longer expert, so the trainer passes S(l^e) per row as
         ``expert_baseline`` (B,); without it S(l^e) is taken from ``expert_log_prob`` / ``expert_mask``.
 
-    Log-probs are floored at LOG_PROB_FLOOR first, so -inf never reaches the loss. Computed in float32.
+    Log-probs are floored at LOG_PROB_FLOOR first, so -inf never reaches the loss. Computed in float32 whatever
+    the input dtype; the gradient comes back in ``log_prob``'s dtype.
     Metrics: gate_full_frac (share of guided tokens/responses on the slope-1 side), gap_mean (mean d over
     them), rareness_mean (mean |A_i| over the rows passed in), guided_frac (share of rows with an expert).
     """
     _check_guide_args(gap, tail, sequence_norm, alpha)
-    resp = response_mask.bool()
-    emask = expert_mask.bool()
-    has_expert = emask.any(dim=-1)
-    lp = log_prob.float().clamp(min=LOG_PROB_FLOOR)
-    with torch.no_grad():  # the expert baseline is a constant of the update
-        elp = torch.where(emask, expert_log_prob.float().clamp(min=LOG_PROB_FLOOR), 0.0)
-        sign = correct.reshape(-1).to(lp.device).float() * 2.0 - 1.0
-        weight = _row_abs_advantage(advantages.float()) * has_expert  # rows without an expert: no guide
-    if gap == "token":
-        loss, d, gated, sign_b = _token_guide(lp, elp, emask, has_expert, resp, sign, weight, alpha, tail)
-        loss = aggregate_loss(loss, resp, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                              loss_scale_factor)
-    else:
-        if expert_baseline is None:
-            expert_baseline = expert_sequence_baseline(expert_log_prob, emask, sequence_norm)
-        ref = expert_baseline.reshape(-1).to(lp.device).float().detach()
-        loss, d, gated, sign_b = _sequence_guide(lp, ref, has_expert, resp, sign, weight, alpha, sequence_norm)
-        n_resp = resp.any(dim=-1).sum().clamp(min=1) if global_batch_size is None else global_batch_size
-        loss = loss.sum() / n_resp * dp_size
-    return loss, _guide_metrics(d.detach(), gated, sign_b, advantages, resp, has_expert)
+    need_grad = torch.is_grad_enabled() and log_prob.requires_grad
+    with torch.no_grad():
+        resp = response_mask if response_mask.dtype == torch.bool else response_mask.bool()
+        emask = expert_mask if expert_mask.dtype == torch.bool else expert_mask.bool()
+        has_expert = _row_any(emask).float()
+        neg_sign = 1.0 - 2.0 * correct.reshape(-1).to(device=log_prob.device, dtype=torch.float32)  # -s_i
+        rareness = _row_abs_advantage(advantages)
+        weight = rareness * has_expert  # rows without an expert: no guide
+        agg = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                   loss_scale_factor=loss_scale_factor)
+        if gap == "token":
+            value, grad_mat, grad_row, stats = _token_guide(
+                log_prob, expert_log_prob, emask, resp, neg_sign, weight, alpha, tail, loss_agg_mode, agg, need_grad)
+        else:
+            if expert_baseline is None:
+                expert_baseline = expert_sequence_baseline(expert_log_prob, emask, sequence_norm)
+            ref = expert_baseline.reshape(-1).to(device=log_prob.device, dtype=torch.float32)
+            value, grad_mat, grad_row, stats = _sequence_guide(
+                log_prob, resp, ref, neg_sign, weight, alpha, sequence_norm, agg, need_grad)
+        metrics, floored = _guide_metrics(stats, rareness, has_expert, log_prob if need_grad else None)
+    if not need_grad:
+        return value, metrics
+    return _LossWithGradient.apply(log_prob, value, grad_mat, grad_row, floored), metrics
 
 
-def _token_guide(lp, elp, emask, has_expert, resp, sign, weight, alpha, tail):
-    """(B, T) matrix of g_{i,t} (zero where not guided), the gaps, the guided-token mask and the row signs."""
-    d = lp - elp  # elp is 0 past the expert's last token: tail="zero"
-    g = asymmetric_gate(d, sign.unsqueeze(-1), alpha, weight.unsqueeze(-1))
-    if tail == "mask":
-        g = g * emask
-        gated = resp & emask
-    else:
-        gated = resp & has_expert.unsqueeze(-1)
-    return g, d, gated, sign.unsqueeze(-1)
+def _token_guide(
+    log_prob: torch.Tensor,
+    expert_log_prob: torch.Tensor,
+    emask: torch.Tensor,
+    resp: torch.Tensor,
+    neg_sign: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: float,
+    tail: str,
+    loss_agg_mode: str,
+    agg: dict[str, Any],
+    need_grad: bool,
+) -> _GuideParts:
+    """Token-mode guide loss (SPEC §1.7): value, its gradient, and per-row sums for the metrics.
+
+        d_{i,t} = max(lp_{i,t}, floor) - l^e_t      (l^e_t = 0 past the expert's last token: tail="zero")
+        g_{i,t} = |A_i| * LeakyReLU_alpha(-s_i * d_{i,t}),   L = sum_i a_i sum_t m_{i,t} g_{i,t}
+
+    with m the guided tokens (response; tail="mask": response and expert) and a_i the aggregation's row weights
+    (``_row_agg_weights``). With x = -s_i d m, LeakyReLU_alpha(x) = alpha x + (1 - alpha) max(x, 0), so per row
+        sum_t m g = |A_i| (alpha sum_t x + (1 - alpha) sum_t max(x, 0)),
+        d L / d lp_{i,t} = a_i |A_i| (-s_i) (alpha m + (1 - alpha) [x > 0])   (0 where lp is floored).
+    Passes over (B, T): the floor, minus l^e, times -s, times m, three row sums, max(x, 0), its sign; the gradient
+    three more in place. Scratch: x, l^e (reused for max(x, 0) and then the gradient), the float mask.
+    """
+    m = _float_mask(resp & emask if tail == "mask" else resp)
+    guided_tokens = m.sum(-1)
+    seq_tokens = guided_tokens if tail == "zero" else _row_count(resp)  # the aggregation counts response tokens
+    elp = expert_log_prob if expert_log_prob.dtype == torch.float32 else expert_log_prob.float()
+    buf = torch.where(emask, elp, 0.0).clamp_(min=LOG_PROB_FLOOR)  # l^e, 0 past the expert's last token
+    x = _floored(log_prob).sub_(buf).mul_(neg_sign.unsqueeze(-1)).mul_(m)  # -s d on guided tokens, 0 elsewhere
+    x_sum = x.sum(-1)
+    pos = torch.clamp(x, min=0.0, out=buf)
+    del x
+    pos_sum = pos.sum(-1)
+    full = pos.sign_()  # 1 on the slope-1 side of the gate (x > 0), else 0
+    full_rows = full.sum(-1)
+    row_weight = _row_agg_weights(seq_tokens, loss_agg_mode, log_prob.shape[-1], **agg) * weight
+    value = (row_weight * (alpha * x_sum + (1.0 - alpha) * pos_sum)).sum()
+    stats = torch.stack([full_rows, neg_sign * x_sum, guided_tokens, (seq_tokens > 0).float()])
+    grad_mat = None
+    if need_grad:  # alpha m + (1 - alpha) [x > 0], scaled per row: written over the 0/1 tensor `full`
+        grad_mat = full.mul_(1.0 - alpha).add_(m, alpha=alpha).mul_((row_weight * neg_sign).unsqueeze(-1))
+    return _GuideParts(value, grad_mat, None, stats)
 
 
-def _sequence_guide(lp, ref, has_expert, resp, sign, weight, alpha, sequence_norm):
-    """(B,) vector of g_i (zero without an expert), the gaps d_i = S(own) - ref, the guided-response mask and
-    the signs; ``ref`` is the expert's S(l^e) per row."""
-    own = (lp * resp).sum(-1)
+def _sequence_guide(
+    log_prob: torch.Tensor,
+    resp: torch.Tensor,
+    ref: torch.Tensor,
+    neg_sign: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: float,
+    sequence_norm: str,
+    agg: dict[str, Any],
+    need_grad: bool,
+) -> _GuideParts:
+    """Sequence-mode guide loss (SPEC §1.7, eq. 9): value, its per-row gradient, and per-row terms for the metrics.
+
+        d_i = S(max(lp, floor)) - S(l^e)       S = sum over response tokens, or their mean (sequence_norm="mean")
+        g_i = |A_i| * LeakyReLU_alpha(-s_i * d_i),   L = sum_i g_i / N_responses * dp
+        d L / d lp_{i,t} = dp / N_responses * |A_i| (-s_i) slope_i [/ |o_i|] on response tokens (0 where floored)
+    Passes over (B, T): the float mask, the floor, times the mask, two row sums; backward: mask times a row scale.
+    """
+    m = _float_mask(resp)
+    seq_tokens = m.sum(-1)
+    own = _floored(log_prob).mul_(m).sum(-1)
     if sequence_norm == "mean":
-        own = own / resp.sum(-1).clamp(min=1)
+        own = own / seq_tokens.clamp(min=1)
     d = own - ref
-    return asymmetric_gate(d, sign, alpha, weight), d, has_expert & resp.any(-1), sign
+    g = asymmetric_gate(d, -neg_sign, alpha, weight)
+    has_tokens = (seq_tokens > 0).float()
+    n_resp = has_tokens.sum().clamp(min=1) if agg["global_batch_size"] is None else agg["global_batch_size"]
+    value = g.sum() / n_resp * agg["dp_size"]
+    full = (neg_sign * d > 0).float()  # -s d > 0: the slope-1 side
+    stats = torch.stack([full, d, torch.ones_like(d), has_tokens]) * has_tokens
+    grad_row = None
+    if need_grad:
+        coef = neg_sign * weight * agg["dp_size"] / n_resp
+        slope = torch.where(coef * d > 0, 1.0, alpha)
+        grad_row = coef * slope / (seq_tokens.clamp(min=1) if sequence_norm == "mean" else 1.0)
+    return _GuideParts(value, m, grad_row, stats)
 
 
-@torch.no_grad()
-def _guide_metrics(d, gated, sign, advantages, resp, has_expert) -> dict[str, float]:
-    n_gated = gated.sum().clamp(min=1)
-    full = (sign * d < 0) & gated  # -s * d > 0: the slope-1 side of the gate
-    rows = resp.any(dim=-1)
-    weight = _row_abs_advantage(advantages.float())
-    return {
-        "gate_full_frac": float(full.sum() / n_gated),
-        "gap_mean": float((d * gated).sum() / n_gated),
-        "rareness_mean": float(weight[rows].mean()) if rows.any() else 0.0,
-        "guided_frac": float(has_expert.float().mean()) if has_expert.numel() else 0.0,
+def _guide_metrics(stats: torch.Tensor, rareness: torch.Tensor, has_expert: torch.Tensor,
+                   log_prob: torch.Tensor | None) -> tuple[dict[str, float], bool]:
+    """The guide metrics from the loss's per-row sums, with ONE host synchronisation (verl's own loss has three).
+
+    ``stats`` (4, B): slope-1 count, gap sum, guided count (tokens or responses) and 'has response tokens' per
+    row. Rows without an expert are left out of the first three. Also says whether any log-prob is below the floor
+    (``log_prob``'s min, for the backward's clamp), from the same synchronisation. Totals in float64 so token
+    counts stay exact past 2^24.
+    """
+    rows = stats.double()
+    guided = rows[:3] * has_expert.double()
+    totals = [guided.sum(-1), rows[3].sum().reshape(1), (rareness.double() * rows[3]).sum().reshape(1),
+              has_expert.double().sum().reshape(1)]
+    if log_prob is not None and log_prob.numel():
+        lp_min = log_prob.amin().double().reshape(1)
+        totals.append(torch.where(lp_min >= LOG_PROB_FLOOR, 0.0, 1.0))  # NaN counts as floored, as in clamp
+    full, gap_sum, n_guided, n_rows, rare_sum, n_expert, *floored = torch.cat(totals).tolist()
+    n_guided = max(n_guided, 1.0)
+    metrics = {
+        "gate_full_frac": full / n_guided,
+        "gap_mean": gap_sum / n_guided,
+        "rareness_mean": rare_sum / n_rows if n_rows else 0.0,
+        "guided_frac": n_expert / has_expert.numel() if has_expert.numel() else 0.0,
     }
+    return metrics, bool(floored and floored[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,11 +541,12 @@ def luffy_expert_token_loss(
 
         l_t = -A_e * f(p_t),  f(p) = p / (p + gamma),  p_t = pi_theta(e_t) = exp(log_prob_t),  gamma = 0.1
 
-    f regularises the gradient toward low-probability expert tokens. Returns the (B, T) loss matrix;
-    aggregation (with the on-policy PPO tokens) is the caller's.
+    f regularises the gradient toward low-probability expert tokens. Computed as f(p) = sigmoid(log p - log gamma)
+    (the same function: one fused op with a fused backward instead of exp, add, divide). Returns the (B, T) loss
+    matrix; aggregation (with the on-policy PPO tokens) is the caller's.
     """
-    p = torch.exp(log_prob.float().clamp(min=LOG_PROB_FLOOR))
-    return (-advantages.float() * p / (p + shaping_gamma)).to(log_prob.dtype)
+    shaped = torch.sigmoid_(_floored_log_prob(log_prob).sub_(math.log(shaping_gamma)))
+    return (shaped * advantages).neg_().to(log_prob.dtype)
 
 
 def rlplus_expert_token_loss(
@@ -374,9 +557,16 @@ def rlplus_expert_token_loss(
         l_t = -A_e * p_t / (0.75 * p_old_t + 0.25) * (1 - p_t)^gamma,   gamma = 0.5
 
     p_t = pi_theta(e_t), p_old_t = pi_old(e_t); the exploration factor (1 - p_t)^gamma re-weights the
-    advantage and is held constant (detached), as in RL-PLUS. Returns the (B, T) loss matrix.
+    advantage and is held constant (detached), as in RL-PLUS. Everything but p_t is one constant factor per
+    token, formed in place, so autograd sees l_t = p_t * c_t. Returns the (B, T) loss matrix.
     """
-    p = torch.exp(log_prob.float().clamp(min=LOG_PROB_FLOOR))
-    p_old = torch.exp(old_log_prob.float().clamp(min=LOG_PROB_FLOOR))
-    explore = (1.0 - p.detach()).clamp(min=0.0) ** explore_gamma
-    return (-advantages.float() * p / (0.75 * p_old + 0.25) * explore).to(log_prob.dtype)
+    p = torch.exp(_floored_log_prob(log_prob))
+    with torch.no_grad():
+        denom = _floored(old_log_prob).exp_().mul_(0.75).add_(0.25)
+        coef = torch.rsub(p, 1.0).clamp_(min=0.0).pow_(explore_gamma).mul_(advantages).div_(denom).neg_()
+    return (p * coef).to(log_prob.dtype)
+
+
+def _floored_log_prob(log_prob: torch.Tensor) -> torch.Tensor:
+    """max(log_prob, LOG_PROB_FLOOR) in float32, differentiable (the clamp's gradient is 0 below the floor)."""
+    return log_prob.float().clamp(min=LOG_PROB_FLOOR)

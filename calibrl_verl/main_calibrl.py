@@ -1,11 +1,14 @@
-"""Train with CalibRL: ``python -m calibrl_verl.main_calibrl [hydra overrides]``.
+"""Train with CalibRL: ``python -m calibrl_verl.main_calibrl [--config-name RECIPE] [--dry-run] [hydra overrides]``.
 
 verl 0.9.1's own entry point (``verl.trainer.main_ppo``: device set-up, config validation, Ray, the V1
-TaskRunner) with our config (``config/calibrl_trainer.yaml``, composed on verl's ``ppo_trainer``) and three
-things done first, on the driver, before Ray or any GPU starts:
+TaskRunner) with our config (``config/calibrl_trainer.yaml``: verl's ``ppo_trainer`` + ``config/calibrl_base.yaml``,
+or a recipe from the checkout's ``recipes/`` named with ``--config-name``) and these things done first, on the
+driver, before Ray or any GPU starts:
 
-1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it), and the local
-   training files are checked (``calibrl_verl.data.validate``: errors name file, row and column; counted
+1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it), the batch shape is
+   checked (a PPO mini-batch's rows, expert rows included, split evenly over the GPUs), the input files are
+   checked (data files and a local model directory exist: every missing one is named), and the local
+   training files are validated (``calibrl_verl.data.validate``: errors name file, row and column; counted
    fallbacks such as rows without an expert are printed once);
 2. the verl keys that follow from ``calibrl.loss_mode`` are derived (estimator, policy loss, the agent-loop
    file), so one switch selects CalibRL or a baseline;
@@ -14,24 +17,39 @@ things done first, on the driver, before Ray or any GPU starts:
    wrong ``reward.custom_reward_function`` path fails before Ray starts;
 4. ``CALIBRL_REGISTER_TRAINER=1`` is exported (also into Ray's runtime env) so that verl's plugin loading
    registers our trainer in the Ray TaskRunner process, where verl looks it up.
+
+``--dry-run`` stops after the checks and verl's own config validation: it prints the composed config (YAML, on
+stdout) and names the missing input files instead of failing on them. In a source checkout ``recipes/`` is on
+Hydra's config search path, so ``--config-name calibrl_qwen2_5vl_7b`` finds ``recipes/calibrl_qwen2_5vl_7b.yaml``
+(elsewhere pass ``--config-dir <dir with the recipes>``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
+import sys
+from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("CALIBRL_REGISTER_TRAINER", "1")  # before verl is imported: see calibrl_verl.plugin
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError  # noqa: E402
 
 _FORWARDED_ENV = ("CALIBRL_REGISTER_TRAINER", "CALIBRL_DEVICE")
+DRY_RUN_FLAG = "--dry-run"
+# The checkout's recipes (absent from an installed wheel); paper.yaml marks the directory as ours.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# Hydra overrides of a dry run: no output directory, .hydra/ snapshot or log file is written
+_DRY_RUN_HYDRA = ("hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none")
+_dry_run = False
 
 
 def prepare_config(config: DictConfig) -> CalibRLConfig:
@@ -74,6 +92,45 @@ def check_old_log_prob_mode(config: DictConfig, cfg: CalibRLConfig) -> None:
             "the old-log-prob pass, the only source of the expert rows' log-probs (the calibration baseline); "
             "set algorithm.rollout_correction.bypass_mode=false, or calibrl.loss_mode=grpo"
         )
+
+
+def check_batch_split(config: DictConfig, cfg: CalibRLConfig) -> None:
+    """Refuse a PPO mini-batch whose rows (expert rows included) do not split over the GPUs; name one that does.
+
+    verl's engine asserts, once the models are loaded, that every update mini-batch splits over the data-parallel
+    ranks (verl 0.9.1 ``engine_workers.py`` ~267); for GRPO, LUFFY and RL-PLUS that is ppo_mini_batch_size x
+    rollout.n rows. CalibRL updates on its on-policy rows only (``check_update_shape``) but is held to the full
+    rows too, as the bash recipes always held it: CalibRL and its baselines then run with one mini-batch size.
+    The size named divides data.train_batch_size (whole mini-batches per step) and passes both checks.
+    """
+    trainer, actor = config.trainer, config.actor_rollout_ref.actor
+    gpus = _positive_int("trainer.nnodes", trainer.nnodes) * _positive_int("trainer.n_gpus_per_node",
+                                                                             trainer.n_gpus_per_node)
+    sp = int(actor.get("ulysses_sequence_parallel_size", 1) or 1)
+    dp = max(gpus // sp, 1)
+    n, mini = int(config.actor_rollout_ref.rollout.n), int(actor.ppo_mini_batch_size)
+    if (mini * n) % dp == 0:
+        return
+    rows = (n, n - cfg.n_expert) if cfg.loss_mode == "calibrl" else (n,)
+    batch = int(config.data.train_batch_size)
+    fits = [m for m in range(1, batch + 1) if batch % m == 0 and all((m * r) % dp == 0 for r in rows)]
+    where = f"{gpus} GPUs" if sp == 1 else f"{dp} data-parallel ranks ({gpus} GPUs / sequence parallel {sp})"
+    what = f"the PPO mini-batch of {mini} prompts x {n} rows does not split over {where}"
+    if not fits:
+        raise CalibRLConfigError(
+            f"{what}; choose data.train_batch_size and actor_rollout_ref.actor.ppo_mini_batch_size so that "
+            f"prompts x {n} is divisible by {dp}"
+        )
+    best = min(fits, key=lambda m: (abs(m - mini), m))  # the closest to the recipe's size; the smaller on a tie
+    raise CalibRLConfigError(
+        f"{what}; pass actor_rollout_ref.actor.ppo_mini_batch_size={best} (it divides data.train_batch_size={batch})"
+    )
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CalibRLConfigError(f"{key}={value!r} must be a positive integer")
+    return value
 
 
 def check_update_shape(config: DictConfig, cfg: CalibRLConfig) -> None:
@@ -148,41 +205,137 @@ def _forward_env(config: DictConfig) -> None:
             ray_init.runtime_env.env_vars[key] = os.environ[key]
 
 
+# data key -> the run scripts' environment variable for it (named in the messages: that is what a user set)
+_DATA_FILES = {"data.train_files": "TRAIN_FILES", "data.val_files": "VAL_FILES"}
+
+
+def missing_inputs(config: DictConfig) -> list[str]:
+    """One message per missing local input: a data file, or a local model directory; remote paths are verl's.
+
+    Made on the driver so a wrong path stops the launch before Ray starts (a dry run only lists them). A model
+    path is local when it starts with /, ./, ../ or ~; anything else may be a Hugging Face id.
+    """
+    missing = []
+    for key, env in _DATA_FILES.items():
+        value = OmegaConf.select(config, key)
+        paths = _paths(value)
+        if value is not None and not paths:
+            missing.append(f"{key} is empty: set it ({env} in the run scripts) to your parquet file(s)")
+        missing += [f"{key}: no such file: {path} (set {env} or {key} to your parquet file(s); see README "
+                    "'Preparing data')" for path in paths if _is_local(path) and not os.path.isfile(_expand(path))]
+    model = str(config.actor_rollout_ref.model.path)
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(_expand(model)):
+        missing.append(f"actor_rollout_ref.model.path: no such directory: {model} (a local model directory or a "
+                       "Hugging Face id; MODEL_PATH in the run scripts)")
+    return missing
+
+
+def require_inputs(config: DictConfig) -> None:
+    """Stop a launch naming every missing input (see ``missing_inputs``)."""
+    missing = missing_inputs(config)
+    if missing:
+        raise CalibRLConfigError("missing input(s):\n  " + "\n  ".join(missing))
+
+
+def _paths(value: Any) -> list[str]:
+    """A data-files value (one path or a list of them, as verl accepts) as a list of strings."""
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(path) for path in value]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _expand(path: str) -> str:
+    return os.path.expanduser(path)
+
+
 def validate_train_data(config: DictConfig, cfg: CalibRLConfig) -> None:
     """Check every local training file before Ray starts; remote paths (hdfs://, ...) are left to verl."""
     from calibrl_verl.data.validate import validate_parquet
 
-    files = config.data.train_files
-    for path in [files] if isinstance(files, str) else list(files):
-        if "://" in str(path) or not os.path.isfile(str(path)):
+    for path in _paths(config.data.train_files):
+        if not _is_local(path) or not os.path.isfile(_expand(path)):
             print(f"[calibrl] not validated (not a local file): {path}")
             continue
-        report = validate_parquet(str(path), expert_key=cfg.expert_key, needs_expert=cfg.needs_expert_column,
+        report = validate_parquet(_expand(path), expert_key=cfg.expert_key, needs_expert=cfg.needs_expert_column,
                                   image_key=config.data.get("image_key", "images"),
                                   prompt_key=config.data.get("prompt_key", "prompt"))
         print(report.summary())
 
 
+def validate_verl_config(config: DictConfig) -> None:
+    """verl's own start-up validation (``verl.utils.config.validate_config``), as ``main_ppo`` runs it."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
 def run(config: DictConfig) -> None:
     """verl's own main_ppo path (device, validation, Ray, TaskRunnerV1) on the prepared config."""
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
     import calibrl_verl.integration.registry  # noqa: F401  (fails loudly where the plugin would fail silently)
 
     auto_set_device(config)
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    validate_verl_config(config)
     run_ppo(config, task_runner_class=TaskRunnerV1)
+
+
+def dry_run(config: DictConfig) -> None:
+    """Print the config a launch would run (YAML on stdout) after verl's validation; name missing inputs.
+
+    verl's validation prints its own notes: they go to stderr, so stdout stays one YAML document. The device is
+    not auto-set (``run`` does that on the launch host), so the printed config is the same on any machine.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        validate_verl_config(config)
+    print(OmegaConf.to_yaml(config, resolve=True), end="")
+    missing = missing_inputs(config)
+    for line in missing:
+        print(f"[calibrl] dry run: missing {line}", file=sys.stderr)
+    verdict = "a launch would stop on the missing inputs above" if missing else "the config passed every check"
+    print(f"[calibrl] dry run: {verdict}; nothing launched", file=sys.stderr)
 
 
 @hydra.main(config_path="config", config_name="calibrl_trainer", version_base=None)
 def main(config: Any) -> None:
-    cfg = prepare_config(config)
-    validate_train_data(config, cfg)
+    from calibrl_verl.data.validate import DataValidationError
+
+    try:
+        cfg = prepare_config(config)
+        # here, not in prepare_config: tools and tests prepare configs whose placement (GPU count) only the
+        # launch sets, e.g. the toy study's, to which calibrl_verl.smoke adds the CPU backend's 1 GPU
+        check_batch_split(config, cfg)
+        if _dry_run:
+            dry_run(config)
+            return
+        require_inputs(config)
+        validate_train_data(config, cfg)
+    except (CalibRLConfigError, DataValidationError) as err:
+        # a start-up check failed and its message says what to change: a traceback would only bury it
+        raise SystemExit(f"error: {err}") from None
     run(config)
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line: ``--dry-run`` (ours, taken out before Hydra parses the rest) and the recipes' directory."""
+    global _dry_run
+    args = list(sys.argv[1:] if argv is None else argv)
+    _dry_run = DRY_RUN_FLAG in args
+    args = [arg for arg in args if arg != DRY_RUN_FLAG]
+    if _dry_run:
+        args += _DRY_RUN_HYDRA  # last, so they win over any hydra.run.dir of the user's
+    if (RECIPES_DIR / "paper.yaml").is_file():
+        # first, so that a --config-dir of the user's replaces it (Hydra keeps the last one)
+        args = ["--config-dir", str(RECIPES_DIR), *args]
+    sys.argv = [sys.argv[0], *args]
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,12 +4,10 @@
 #
 #   bash recipes/run_calibrl_qwen2_5vl_3b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
 #
-# The shared settings (data, batch sizes, optimiser, rollout, calibrl.* keys, logging, multi-node) are in
-# recipes/common.sh; this file only picks the model size, the loss mode and the group size.
-set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# The settings are one Hydra config: recipes/calibrl_qwen2_5vl_3b.yaml. recipes/launch.sh turns the
+# environment variables into overrides placed before yours.
 
-MODEL_SIZE=3b
-LOSS_MODE=calibrl
-ROLLOUT_N=11                 # 10 on-policy samples + 1 expert row per prompt
-calibrl_run "$@"
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+# python -m calibrl_verl.main_calibrl --config-name calibrl_qwen2_5vl_3b <environment overrides> "$@"
+calibrl_launch calibrl_qwen2_5vl_3b "$@"

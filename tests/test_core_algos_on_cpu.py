@@ -363,3 +363,210 @@ def test_vectorised_advantage_equals_a_per_row_loop():
         else:
             want = ((scores[i] - vals.mean()) / (vals.std() + 1e-6)).item()
         assert adv[i, 0].item() == pytest.approx(want, abs=1e-5), i
+
+
+# ---------------------------------------------------------------------------------------------- fast path vs formula
+# compute_calibrl_guide_loss reduces per row and forms its gradient next to the loss (one backward pass). These
+# tests pin it, value, gradient and metrics, to SPEC §1.7 written op by op with autograd and verl's own agg_loss.
+def _reference_guide(lp, elp, emask, adv, correct, resp, *, alpha, gap, tail, sequence_norm, loss_agg_mode,
+                     expert_baseline=None, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                     loss_scale_factor=None):
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    resp, emask = resp.bool(), emask.bool()
+    has_expert = emask.any(-1)
+    lp = lp.float().clamp(min=ca.LOG_PROB_FLOOR)
+    elp = torch.where(emask, elp.float().clamp(min=ca.LOG_PROB_FLOOR), 0.0)  # tail zero: l^e = 0 past the expert
+    sign = correct.float() * 2 - 1
+    rareness = adv.float().abs().amax(-1)
+    weight = rareness * has_expert
+    if gap == "token":
+        d = lp - elp
+        g = weight[:, None] * torch.nn.functional.leaky_relu(-sign[:, None] * d, alpha)
+        if tail == "mask":
+            g, gated = g * emask, resp & emask
+        else:
+            gated = resp & has_expert[:, None]
+        loss = agg_loss(g, resp, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+        s = sign[:, None]
+    else:
+        own = (lp * resp).sum(-1)
+        if sequence_norm == "mean":
+            own = own / resp.sum(-1).clamp(min=1)
+        if expert_baseline is None:
+            expert_baseline = ca.expert_sequence_baseline(elp, emask, sequence_norm)
+        d = own - expert_baseline
+        g = weight * torch.nn.functional.leaky_relu(-sign * d, alpha)
+        n_resp = resp.any(-1).sum() if global_batch_size is None else global_batch_size
+        loss = g.sum() / n_resp * dp_size
+        gated, s = has_expert & resp.any(-1), sign
+    d = d.detach()
+    n_gated = gated.sum().clamp(min=1)
+    metrics = {"gate_full_frac": float(((-s * d > 0) & gated).sum() / n_gated),
+               "gap_mean": float((d * gated).sum() / n_gated),
+               "rareness_mean": float(rareness[resp.any(-1)].mean()),
+               "guided_frac": float(has_expert.float().mean())}
+    return loss, metrics
+
+
+def _guide_inputs(seed: int, floored: bool, dtype: torch.dtype = torch.float32, rows: int = 9, length: int = 13):
+    """Random rows that reach every branch: ragged responses with holes, an empty response, rows without an
+    expert, an expert mask reaching past the response, zero-advantage rows, both sides of the gate, and (when
+    ``floored``) log-probs below the floor (-inf included) on both the policy and the expert side."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(length)
+    resp = (pos < torch.randint(3, length + 1, (rows,), generator=gen)[:, None]) & (torch.rand(rows, length,
+                                                                                         generator=gen) > 0.1)
+    resp[1] = False  # a row with no response token
+    resp[8] = pos == 3  # a row with one response token
+    emask = pos < torch.randint(2, length + 4, (rows,), generator=gen)[:, None]  # can reach past the response
+    emask[[2, 5]] = False  # groups without an expert
+    adv = torch.randn(rows, 1, generator=gen) * resp
+    adv[3] = 0.0  # an all-equal group
+    lp = -torch.rand(rows, length, generator=gen) * 3
+    elp = -torch.rand(rows, length, generator=gen) * 3
+    lp[8, 3] = elp[8, 3] = -1.5  # a token exactly at the expert: the gate's kink
+    if floored:  # below the floor but finite (the floor's flag must see them), and -inf on the expert side
+        lp[0, 0], lp[4, 2], lp[6, 1], elp[7, 0] = -30.0, -25.0, ca.LOG_PROB_FLOOR, -float("inf")
+    correct = torch.rand(rows, generator=gen) > 0.5
+    correct[:2] = torch.tensor([True, False])
+    baseline = -torch.rand(rows, generator=gen) * 20
+    baseline[8] = -1.5  # row 8's own sum and mean: a response exactly at the expert (the kink of eq. 9)
+    return (lp.to(dtype), elp.to(dtype), emask, adv.to(dtype), correct, resp, baseline)
+
+
+def _compare_guide(inputs, dtype, **kw):
+    lp, elp, emask, adv, correct, resp, baseline = inputs
+    mine_lp, ref_lp = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    loss, metrics = ca.compute_calibrl_guide_loss(mine_lp, elp, emask, adv, correct, resp, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k != "expert_baseline"}
+    ref_loss, ref_metrics = _reference_guide(ref_lp, elp, emask, adv, correct, resp,
+                                             expert_baseline=kw.get("expert_baseline"), **ref_kw)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss.float(), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, mine_lp)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_lp)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    assert metrics.keys() == ref_metrics.keys()
+    for key, value in ref_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    return loss, grad
+
+
+def test_guide_inputs_reach_every_branch():
+    """Guards the comparisons below: their inputs must make the modes, sides and floors differ."""
+    lp, elp, emask, adv, correct, resp, baseline = _guide_inputs(0, floored=True)
+    kw = dict(alpha=0.5, gap="token", sequence_norm="sum", loss_agg_mode="token-mean")
+    zero, _ = _reference_guide(lp, elp, emask, adv, correct, resp, tail="zero", **kw)
+    mask, _ = _reference_guide(lp, elp, emask, adv, correct, resp, tail="mask", **kw)
+    assert not torch.isclose(zero, mask)
+    x = -(correct.float() * 2 - 1)[:, None] * (lp.clamp(min=ca.LOG_PROB_FLOOR) - torch.where(emask, elp, 0.0))
+    guided = resp & emask.any(-1, keepdim=True) & (adv != 0)
+    assert (x[guided] > 0).any() and (x[guided] < 0).any() and (x[guided] == 0).any()
+    assert resp[8].sum() == 1 and emask[8].any() and adv[8].abs().max() > 0  # the sequence gap's kink row
+    assert (lp < ca.LOG_PROB_FLOOR).any() and (emask & ~resp).any() and not resp[1].any()
+    assert (_guide_inputs(0, floored=False)[0] >= ca.LOG_PROB_FLOOR).all()
+
+
+@pytest.mark.parametrize("floored", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tail", ca.TAIL_MODES)
+@pytest.mark.parametrize("mode", ca.LOSS_AGG_MODES)
+def test_token_guide_matches_the_formula(mode, tail, alpha, dtype, floored):
+    inputs = _guide_inputs(11, floored, dtype)
+    kw = dict(alpha=alpha, gap="token", tail=tail, sequence_norm="sum", loss_agg_mode=mode)
+    _compare_guide(inputs, dtype, **kw)
+    # verl's global normalisation (what the trainer passes)
+    _compare_guide(inputs, dtype, dp_size=2, batch_num_tokens=97, global_batch_size=12, loss_scale_factor=7, **kw)
+
+
+@pytest.mark.parametrize("floored", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("norm", ca.SEQUENCE_NORMS)
+@pytest.mark.parametrize("with_baseline", [False, True])
+def test_sequence_guide_matches_the_formula(with_baseline, norm, alpha, dtype, floored):
+    inputs = _guide_inputs(12, floored, dtype)
+    kw = dict(alpha=alpha, gap="sequence", tail="zero", sequence_norm=norm, loss_agg_mode="token-mean")
+    if with_baseline:
+        kw["expert_baseline"] = inputs[-1]
+    _compare_guide(inputs, dtype, **kw)
+    _compare_guide(inputs, dtype, dp_size=2, global_batch_size=12, **kw)
+
+
+def test_guide_fast_path_edge_layouts():
+    """Float and non-contiguous masks, (B,) advantages, no autograd: the same loss as the formula."""
+    lp, elp, emask, adv, correct, resp, _ = _guide_inputs(13, floored=True, length=26)
+    kw = dict(alpha=0.3, gap="token", tail="mask", sequence_norm="sum", loss_agg_mode="seq-mean-token-mean")
+    sl = (slice(None), slice(None, None, 2))  # every other token: non-contiguous views
+    ref, _ = _reference_guide(lp[sl], elp[sl], emask[sl], adv[sl], correct, resp[sl], **kw)
+    for m_resp, m_emask in ((resp[sl], emask[sl]), (resp[sl].float(), emask[sl].float())):
+        loss, _ = ca.compute_calibrl_guide_loss(lp[sl], elp[sl], m_emask, adv[sl], correct, m_resp, **kw)
+        torch.testing.assert_close(loss, ref)
+    loss, _ = ca.compute_calibrl_guide_loss(lp, elp, emask, adv.abs().amax(-1), correct, resp, **kw)
+    torch.testing.assert_close(loss, _reference_guide(lp, elp, emask, adv, correct, resp, **kw)[0])
+    with torch.no_grad():
+        no_grad, _ = ca.compute_calibrl_guide_loss(lp.requires_grad_(), elp, emask, adv, correct, resp, **kw)
+    assert not no_grad.requires_grad
+    torch.testing.assert_close(no_grad, loss.detach())
+
+
+def test_guide_gradient_survives_a_second_backward_and_scales_with_upstream():
+    lp, elp, emask, adv, correct, resp, _ = _guide_inputs(14, floored=True)
+    lp[0, 0] = -float("inf")
+    lp.requires_grad_()
+    loss, _ = ca.compute_calibrl_guide_loss(lp, elp, emask, adv, correct, resp)
+    (g1,) = torch.autograd.grad(3.0 * loss, lp, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(g1, 3.0 * g2)
+    rows, cols = [0, 4, 6], [0, 2, 1]  # guided tokens at -inf, -25 and exactly the floor
+    assert resp[rows, cols].all() and emask[rows].any(-1).all() and (adv[rows] != 0).any(-1).all()
+    assert g2[0, 0] == 0 and g2[4, 2] == 0  # below the floor: no gradient
+    assert g2[6, 1] != 0  # exactly at the floor the clamp still passes it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offpolicy_token_losses_match_their_formulas(dtype):
+    gen = torch.Generator().manual_seed(15)
+    lp = -torch.rand(6, 11, generator=gen) * 4
+    lp[0, 0], lp[1, 1] = -float("inf"), -30.0
+    old = -torch.rand(6, 11, generator=gen) * 4
+    old[2, 2] = -float("inf")
+    adv = torch.randn(6, 1, generator=gen).expand(6, 11)
+    lp, old, adv = lp.to(dtype), old.to(dtype), adv.to(dtype)
+
+    def luffy(x):
+        p = torch.exp(x.float().clamp(min=ca.LOG_PROB_FLOOR))
+        return (-adv.float() * p / (p + 0.1)).to(dtype)
+
+    def rlplus(x):
+        p = torch.exp(x.float().clamp(min=ca.LOG_PROB_FLOOR))
+        p_old = torch.exp(old.float().clamp(min=ca.LOG_PROB_FLOOR))
+        explore = (1.0 - p.detach()).clamp(min=0.0) ** 0.5
+        return (-adv.float() * p / (0.75 * p_old + 0.25) * explore).to(dtype)
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    for mine, ref in ((lambda x: ca.luffy_expert_token_loss(x, adv), luffy),
+                      (lambda x: ca.rlplus_expert_token_loss(x, old, adv), rlplus)):
+        a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+        out, want = mine(a), ref(b)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, want, **tol)
+        upstream = torch.randn(6, 11, generator=gen).to(dtype)
+        (ga,), (gb,) = torch.autograd.grad(out, a, upstream), torch.autograd.grad(want, b, upstream)
+        torch.testing.assert_close(ga, gb, **tol)
+        assert ga[0, 0] == 0 and ga[1, 1] == 0
+
+
+@pytest.mark.parametrize("mode", ca.LOSS_AGG_MODES)
+def test_aggregate_loss_with_a_bool_mask_matches_verl(mode):
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    gen = torch.Generator().manual_seed(16)
+    loss_mat = torch.randn(6, 7, generator=gen)
+    mask = torch.rand(6, 7, generator=gen) > 0.3
+    mask[2] = False
+    torch.testing.assert_close(ca.aggregate_loss(loss_mat, mask, mode), agg_loss(loss_mat, mask, mode))

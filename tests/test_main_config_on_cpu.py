@@ -1,4 +1,4 @@
-"""calibrl_trainer.yaml composed on verl's ppo_trainer, and what main_calibrl derives from it before Ray starts."""
+"""calibrl_trainer.yaml composed on verl's ppo_trainer, and what main_calibrl derives and checks before Ray starts."""
 
 from __future__ import annotations
 
@@ -118,3 +118,145 @@ def test_training_files_are_validated_on_the_driver_before_ray(tmp_path, capsys)
     cfg = _compose(f"data.train_files=[{good},{bad}]")
     with pytest.raises(DataValidationError, match=r"bad.parquet.*row 2"):
         validate_train_data(cfg, prepare_config(cfg))
+
+
+# -- start-up checks that every launch gets (they were the bash recipes' own until the recipes became YAML) --------
+def _split_config(gpus: int, n: int, mini: int, batch: int = 480, nnodes: int = 1, sp: int = 1):
+    return OmegaConf.create({"trainer": {"n_gpus_per_node": gpus, "nnodes": nnodes}, "data": {
+        "train_batch_size": batch}, "actor_rollout_ref": {"rollout": {"n": n}, "actor": {
+            "ppo_mini_batch_size": mini, "ulysses_sequence_parallel_size": sp}}})
+
+
+@pytest.mark.parametrize("mode", ["calibrl", "luffy", "rlplus"])
+def test_mini_batch_rows_with_the_experts_must_split_over_all_gpus(mode):
+    from calibrl_verl.main_calibrl import check_batch_split, check_update_shape
+
+    config, cfg = _split_config(8, 11, 120, nnodes=2), CalibRLConfig(loss_mode=mode)
+    with pytest.raises(CalibRLConfigError) as err:
+        check_batch_split(config, cfg)
+    assert str(err.value) == ("the PPO mini-batch of 120 prompts x 11 rows does not split over 16 GPUs; pass "
+                              "actor_rollout_ref.actor.ppo_mini_batch_size=96 (it divides data.train_batch_size=480)")
+    config.actor_rollout_ref.actor.ppo_mini_batch_size = 96  # the size named passes both checks
+    check_batch_split(config, cfg)
+    check_update_shape(config, cfg)
+
+
+def test_mini_batch_split_counts_rows_per_mode_and_data_parallel_ranks():
+    from calibrl_verl.main_calibrl import check_batch_split
+
+    check_batch_split(_split_config(8, 10, 120, nnodes=2), CalibRLConfig(loss_mode="grpo"))  # 1200 rows / 16
+    check_batch_split(_split_config(8, 11, 120), CalibRLConfig())  # the paper: 1320 rows over 8 GPUs
+    # sequence parallelism: rows split over the data-parallel ranks, GPUs / sp
+    check_batch_split(_split_config(8, 11, 120, nnodes=2, sp=2), CalibRLConfig())
+    with pytest.raises(CalibRLConfigError, match=r"over 4 data-parallel ranks \(8 GPUs / sequence parallel 2\)"):
+        check_batch_split(_split_config(8, 11, 2, batch=6, sp=2), CalibRLConfig(loss_mode="luffy"))
+    # CalibRL: the size named also splits the on-policy rows (n = 6: 6 rows and 5 on-policy rows over 4 GPUs)
+    with pytest.raises(CalibRLConfigError, match=r"ppo_mini_batch_size=4 \(it divides data.train_batch_size=8\)"):
+        check_batch_split(_split_config(4, 6, 1, batch=8), CalibRLConfig())
+    with pytest.raises(CalibRLConfigError, match=r"choose data.train_batch_size and actor_rollout_ref.actor."
+                                                 r"ppo_mini_batch_size so that prompts x 11 is divisible by 16"):
+        check_batch_split(_split_config(8, 11, 3, batch=3, nnodes=2), CalibRLConfig())
+
+
+@pytest.mark.parametrize("key,value", [("nnodes", 0), ("n_gpus_per_node", "8"), ("nnodes", True)])
+def test_gpu_counts_must_be_positive_integers(key, value):
+    from calibrl_verl.main_calibrl import check_batch_split
+
+    config = _split_config(8, 11, 120)
+    config.trainer[key] = value
+    with pytest.raises(CalibRLConfigError, match=rf"trainer.{key}={value!r} must be a positive integer"):
+        check_batch_split(config, CalibRLConfig())
+
+
+def test_missing_inputs_name_every_file_and_the_variable(tmp_path, monkeypatch):
+    from calibrl_verl.main_calibrl import missing_inputs, require_inputs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "train.parquet").touch()
+    (tmp_path / "model").mkdir()
+    cfg = _compose("data.train_files=['~/train.parquet','hdfs://x/train.parquet']",
+                   f"data.val_files={tmp_path}/v.parquet", "actor_rollout_ref.model.path='~/model'")
+    assert missing_inputs(cfg) == [f"data.val_files: no such file: {tmp_path}/v.parquet (set VAL_FILES or "
+                                   "data.val_files to your parquet file(s); see README 'Preparing data')"]
+    cfg = _compose("data.train_files=[]", "data.val_files=null", "actor_rollout_ref.model.path=./no_model")
+    assert missing_inputs(cfg) == [
+        "data.train_files is empty: set it (TRAIN_FILES in the run scripts) to your parquet file(s)",
+        "actor_rollout_ref.model.path: no such directory: ./no_model (a local model directory or a Hugging Face id; "
+        "MODEL_PATH in the run scripts)"]
+    with pytest.raises(CalibRLConfigError, match=r"missing input\(s\):\n  data.train_files is empty"):
+        require_inputs(cfg)
+    require_inputs(_compose(f"data.train_files={tmp_path}/train.parquet", "data.val_files=null",
+                            "actor_rollout_ref.model.path=Qwen/Qwen2.5-VL-7B-Instruct"))  # a HF id is not checked
+
+
+def _tiny_overrides(assets, run_dir, mode: str, device: str) -> list[str]:
+    """A smoke launch's overrides, as calibrl_verl.smoke builds them (CPU backend's first)."""
+    from calibrl_verl import smoke
+    from calibrl_verl.cpu import cpu_overrides
+
+    return (cpu_overrides() if device == "cpu" else []) + smoke.recipe_overrides(assets, run_dir, 3, mode, device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("mode", ["calibrl", "grpo", "luffy", "rlplus"])
+def test_the_tiny_recipe_passes_the_start_up_checks(mode, device, tmp_path):
+    """smoke / study launches (4 prompts x (4 + 1) rows on 1 GPU, and the dp = 2 variant) pass every new check."""
+    from calibrl_verl import tiny
+    from calibrl_verl.main_calibrl import check_batch_split, missing_inputs
+
+    assets = tmp_path / "assets"
+    args = _tiny_overrides(assets, tmp_path / mode, mode, device)
+    assert len(missing_inputs(_compose(*args))) == 3  # train, val, model: not built here
+    tiny.train_files(assets).parent.mkdir(parents=True)
+    tiny.train_files(assets).touch()
+    tiny.val_files(assets).touch()
+    tiny.model_dir(assets).mkdir()
+    for extra in ([], ["trainer.n_gpus_per_node=2", "++ray_kwargs.ray_init.num_gpus=2"]):
+        cfg = _compose(*args, *extra)
+        check_batch_split(cfg, prepare_config(cfg))
+        assert missing_inputs(cfg) == []
+
+
+def test_the_toy_study_runs_pass_the_batch_split_check(tmp_path):
+    """Every arm of the study grid, with the CPU backend's placement that calibrl_verl.smoke adds at launch."""
+    from calibrl_verl.cpu import cpu_overrides
+    from calibrl_verl.main_calibrl import check_batch_split
+    from calibrl_verl.study import grid
+
+    for name, method in grid.METHODS.items():
+        cfg = _compose(*cpu_overrides(), *grid.run_overrides(tmp_path, method, seed=1, cfg=grid.PRESETS["full"]))
+        check_batch_split(cfg, prepare_config(cfg))
+        assert cfg.trainer.n_gpus_per_node == 1, name
+
+
+def test_cli_takes_dry_run_out_and_puts_the_recipes_on_the_search_path(monkeypatch):
+    import calibrl_verl.main_calibrl as entry
+
+    seen = []
+    monkeypatch.setattr(entry, "main", lambda: seen.append((list(sys.argv[1:]), entry._dry_run)))
+    monkeypatch.setattr(sys, "argv", ["main_calibrl"])
+    monkeypatch.setattr(entry, "_dry_run", False)  # restored after the test: cli() sets it
+    entry.cli(["--config-name", "grpo_qwen2_5vl_7b", "--dry-run", "calibrl.alpha=0.3"])
+    entry.cli(["calibrl.alpha=0.3", "--config-dir=mine"])
+    recipes = f"{entry.RECIPES_DIR}"
+    assert seen == [
+        (["--config-dir", recipes, "--config-name", "grpo_qwen2_5vl_7b", "calibrl.alpha=0.3",
+          "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none"], True),
+        (["--config-dir", recipes, "calibrl.alpha=0.3", "--config-dir=mine"], False),  # Hydra keeps the last one
+    ]
+
+
+def test_dry_run_prints_the_validated_config_as_yaml_and_names_missing_inputs(capsys):
+    from calibrl_verl.main_calibrl import dry_run
+
+    cfg = _compose("data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                   "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", "trainer.n_gpus_per_node=1",
+                   "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+                   "data.train_files=/no/train.parquet")
+    prepare_config(cfg)
+    dry_run(cfg)
+    out, err = capsys.readouterr()
+    assert OmegaConf.create(out) == OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # stdout: YAML only
+    assert "[validate_config] All configuration checks passed" in err
+    assert "[calibrl] dry run: missing data.train_files: no such file: /no/train.parquet" in err
+    assert err.rstrip().endswith("a launch would stop on the missing inputs above; nothing launched")

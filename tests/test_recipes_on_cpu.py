@@ -1,186 +1,286 @@
-"""recipes/*.sh: bash syntax, dry-run output, data checks, and that the printed overrides compose into verl's config."""
+"""recipes/: the YAML recipes compose to exactly what the bash recipes composed, and the run scripts' launcher.
+
+The bash recipes (recipes/common.sh until the recipes became YAML) printed ~70 Hydra overrides; they are kept as
+tests/fixtures/legacy_recipe_overrides.json, and every YAML recipe must compose to the same config, key by key.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+import yaml
+from hydra import compose, initialize_config_dir, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
+
+from calibrl_verl.main_calibrl import check_batch_split, prepare_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+LEGACY = json.loads((Path(__file__).parent / "fixtures" / "legacy_recipe_overrides.json").read_text())
 LAUNCHER = "calibrl_verl.main_calibrl"
-# recipe -> (loss_mode, rollout.n, model, vLLM tensor parallel size)
+# recipe -> (model file, method file, loss_mode, rollout.n, model, vLLM tensor parallel size)
 EXPECTED = {
-    "run_calibrl_qwen2_5vl_7b.sh": ("calibrl", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
-    "run_calibrl_qwen2_5vl_3b.sh": ("calibrl", 11, "Qwen/Qwen2.5-VL-3B-Instruct", 1),
-    "run_grpo_qwen2_5vl_7b.sh": ("grpo", 10, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
-    "run_luffy_qwen2_5vl_7b.sh": ("luffy", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
-    "run_rlplus_qwen2_5vl_7b.sh": ("rlplus", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
+    "calibrl_qwen2_5vl_7b": ("qwen2_5vl_7b", "calibrl", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
+    "calibrl_qwen2_5vl_3b": ("qwen2_5vl_3b", "calibrl", 11, "Qwen/Qwen2.5-VL-3B-Instruct", 1),
+    "grpo_qwen2_5vl_7b": ("qwen2_5vl_7b", "grpo", 10, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
+    "luffy_qwen2_5vl_7b": ("qwen2_5vl_7b", "luffy", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
+    "rlplus_qwen2_5vl_7b": ("qwen2_5vl_7b", "rlplus", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
 }
 # The paper's setting (SPEC section 7), shared by every recipe: same data and budget for the baselines.
-SHARED = [
-    "data.train_batch_size=480", "actor_rollout_ref.actor.ppo_mini_batch_size=120",
-    "actor_rollout_ref.actor.optim.lr=1e-6", "actor_rollout_ref.actor.optim.lr_scheduler_type=constant",
-    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.0", "actor_rollout_ref.rollout.temperature=1.0",
-    "data.max_prompt_length=20480", "data.max_response_length=4096", "actor_rollout_ref.actor.use_kl_loss=false",
-    "algorithm.use_kl_in_reward=false", "actor_rollout_ref.actor.entropy_coeff=0",
-    "actor_rollout_ref.actor.grad_clip=1.0", "trainer.total_epochs=1", "trainer.n_gpus_per_node=8",
-    "trainer.nnodes=1", "actor_rollout_ref.rollout.name=vllm", "trainer.test_freq=5",
-    "actor_rollout_ref.model.use_remove_padding=true", "calibrl.alpha=0.5", "calibrl.guide_coef=0.1",
-    "calibrl.expert_key=solution", "calibrl.experts_per_group=1", "calibrl.gap=token", "calibrl.tail=zero",
-    "calibrl.norm_adv_by_std=false", "calibrl.mix_policy=always", "calibrl.pass_rate_range=[0.0,1.0]",
-    "trainer.logger=[console,tensorboard]",
-]  # fmt: skip
-CALIBRL_KEYS = {"loss_mode", "expert_key", "experts_per_group", "alpha", "guide_coef", "pass_threshold", "gap",
-                "tail", "sequence_norm", "norm_adv_by_std", "mix_policy", "mix_ratio", "pass_rate_range",
-                "warmup_grpo_steps", "expert_overlong", "seed"}  # fmt: skip
+SPEC7 = {
+    "data.train_batch_size": 480, "actor_rollout_ref.actor.ppo_mini_batch_size": 120,
+    "actor_rollout_ref.actor.optim.lr": 1e-6, "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",
+    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio": 0.0, "actor_rollout_ref.rollout.temperature": 1.0,
+    "data.max_prompt_length": 20480, "data.max_response_length": 4096, "actor_rollout_ref.actor.use_kl_loss": False,
+    "algorithm.use_kl_in_reward": False, "actor_rollout_ref.actor.entropy_coeff": 0,
+    "actor_rollout_ref.actor.grad_clip": 1.0, "trainer.total_epochs": 1, "trainer.n_gpus_per_node": 8,
+    "trainer.nnodes": 1, "actor_rollout_ref.rollout.name": "vllm", "trainer.test_freq": 5,
+    "actor_rollout_ref.actor.clip_ratio_low": 0.2, "actor_rollout_ref.actor.clip_ratio_high": 0.2,
+    "actor_rollout_ref.actor.clip_ratio_c": 3.0, "actor_rollout_ref.actor.loss_agg_mode": "token-mean",
+    "calibrl.alpha": 0.5, "calibrl.guide_coef": 0.1, "calibrl.expert_key": "solution",
+    "calibrl.experts_per_group": 1, "calibrl.gap": "token", "calibrl.tail": "zero", "calibrl.norm_adv_by_std": False,
+    "calibrl.mix_policy": "always", "calibrl.pass_rate_range": [0.0, 1.0],
+    "trainer.logger": ["console", "tensorboard"], "trainer.project_name": "calibrl",
+}  # fmt: skip
+DATA = "/fixture"  # where the legacy fixture's data files were (any path: only the recipes' own keys differ)
+
+
+def legacy_overrides(recipe: str, root: Path = REPO, data: str = DATA) -> list[str]:
+    return [arg.format(root=root, data=data) for arg in LEGACY[recipe]["overrides"]]
+
+
+def launcher_overrides(recipe: str) -> list[str]:
+    """What the launcher passes by default for the environment: data files and OUTPUT_DIR (see recipes/launch.sh)."""
+    return [arg for arg in legacy_overrides(recipe)
+            if arg.startswith(("data.train_files=", "data.val_files=", "trainer.default_local_dir="))]  # fmt: skip
+
+
+def compose_legacy(recipe: str, data: str = DATA) -> DictConfig:
+    with initialize_config_module("calibrl_verl.config", version_base=None):
+        return compose("calibrl_trainer", overrides=legacy_overrides(recipe, data=data))
+
+
+def compose_recipe(recipe: str, overrides: list[str], recipes: Path = RECIPES) -> DictConfig:
+    with initialize_config_dir(str(recipes), version_base=None):
+        return compose(recipe, overrides=overrides)
+
+
+def resolved(config: DictConfig) -> dict:
+    return OmegaConf.to_container(config, resolve=True)
+
+
+def differences(a: object, b: object, path: str = "") -> list[str]:
+    """Every key whose value (or type: 1 vs 1.0) differs, for a readable failure."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{path}.{key}")]  # fmt: skip
+    return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_yaml_recipe_composes_to_what_the_bash_recipe_composed(recipe: str) -> None:
+    legacy = compose_legacy(recipe)
+    new = compose_recipe(recipe, launcher_overrides(recipe))
+    assert differences(resolved(legacy), resolved(new)) == []
+    prepare_config(legacy)
+    prepare_config(new)  # what main_calibrl derives (estimator, policy loss, reward guard) agrees too
+    assert differences(resolved(legacy), resolved(new)) == []
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_recipe_has_the_paper_setting_model_and_method(recipe: str) -> None:
+    _, loss_mode, n, model, tp = EXPECTED[recipe]
+    cfg = compose_recipe(recipe, [])
+    for key, value in SPEC7.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    assert cfg.calibrl.loss_mode == loss_mode and cfg.actor_rollout_ref.rollout.n == n
+    assert cfg.actor_rollout_ref.model.path == model
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
+    # the launcher's default OUTPUT_DIR (<repo>/checkpoints/calibrl/<recipe>) assumes these two names
+    assert cfg.trainer.experiment_name == recipe and cfg.trainer.project_name == "calibrl"
+    actor = cfg.actor_rollout_ref.actor
+    assert actor.ppo_max_token_len_per_gpu == cfg.data.max_prompt_length + cfg.data.max_response_length
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_defaults_list_composes_base_paper_model_method_self(recipe: str) -> None:
+    model, method = EXPECTED[recipe][:2]
+    doc = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
+    assert doc["defaults"] == ["ppo_trainer", "calibrl_base", "paper", {"models": model}, {"methods": method},
+                               "_self_"]  # fmt: skip
+    # the rest is the recipe's own: its name and Hydra's search path (read from the primary config only)
+    assert set(doc) == {"hydra", "defaults", "trainer"} and doc["trainer"] == {"experiment_name": recipe}
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_recipe_passes_verl_validation(recipe: str) -> None:
+    """Every key exists in verl 0.9.1's config (Hydra rejects unknown keys), and verl's validation passes."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    loss_mode, n = EXPECTED[recipe][1:3]
+    cfg = compose_recipe(recipe, [])
+    check_batch_split(cfg, prepare_config(cfg))  # main_calibrl's start-up checks, as a launch makes them
+    assert cfg.algorithm.adv_estimator == ("grpo" if loss_mode == "grpo" else "calibrl")
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == ("vanilla" if loss_mode == "grpo" else loss_mode)
+    reward_fn = cfg.reward.custom_reward_function  # our reward, behind the reward guard
+    assert reward_fn.path == "pkg://calibrl_verl.integration.reward_guard" and reward_fn.name == "guarded_score"
+    assert reward_fn.reward_kwargs.calibrl_inner_path == "pkg://calibrl_verl.reward"
+    assert not need_critic(cfg) and not need_reference_policy(cfg)  # no KL: no reference model
+    validate_config(config=cfg, use_reference_policy=False, use_critic=False)
+    # the static micro batches (use_dynamic_bsz=false) divide the per-GPU mini-batch of rows, for n = 10 and 11
+    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    for rows in (10, 11):
+        per_gpu = actor.ppo_mini_batch_size * rows // cfg.trainer.n_gpus_per_node
+        assert per_gpu % actor.ppo_micro_batch_size_per_gpu == 0
+        assert per_gpu % rollout.log_prob_micro_batch_size_per_gpu == 0
+
+
+def test_model_and_method_swap_from_the_command_line() -> None:
+    cfg = compose_recipe("calibrl_qwen2_5vl_7b", ["models=qwen2_5vl_3b", "methods=grpo"])
+    assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+    assert cfg.calibrl.loss_mode == "grpo" and cfg.actor_rollout_ref.rollout.n == 10
+
+
+def readme_new_recipe() -> tuple[str, str]:
+    """The README's "Make a new recipe" example: (file name, YAML text), its first indented block."""
+    section = (REPO / "README.md").read_text().split("### Make a new recipe", 1)[1]
+    name = re.search(r"`recipes/(\w+)\.yaml`", section).group(1)
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    return name, "\n".join(line[4:] for line in lines[start:end]) + "\n"
+
+
+def test_a_new_recipe_is_one_yaml_file(tmp_path: Path) -> None:
+    """The README's example, dropped next to the other recipes, composes on the shared files."""
+    name, text = readme_new_recipe()
+    recipes = shutil.copytree(RECIPES, tmp_path / "recipes")
+    (recipes / f"{name}.yaml").write_text(text)
+    cfg = compose_recipe(name, [], recipes)
+    base = compose_recipe("calibrl_qwen2_5vl_7b", [])
+    unresolved = OmegaConf.to_container  # interpolations of experiment_name (e.g. the checkpoint dir) follow it
+    assert differences(unresolved(base), unresolved(cfg)) == [
+        ".calibrl.gap: 'token' != 'sequence'", ".calibrl.sequence_norm: 'sum' != 'mean'",
+        f".trainer.experiment_name: 'calibrl_qwen2_5vl_7b' != '{name}'",
+    ]  # fmt: skip
+    prepare_config(cfg)
+
+
+# -- the run scripts (bash) -----------------------------------------------------------------------------------
+RUN_SCRIPTS = sorted(f"run_{recipe}.sh" for recipe in EXPECTED)
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> dict[str, str]:
-    """Environment with existing (empty) data files: the recipes only check that they exist."""
+def env(tmp_path: Path) -> dict[str, str]:
+    """Environment with existing (empty) data files (the dry run checks only that they exist) and this Python."""
     files = {name: tmp_path / f"{name}.parquet" for name in ("train", "val_a", "val_b")}
     for path in files.values():
         path.touch()
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "DRY_RUN", "MODEL_PATH", "EXP")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WANDB_API_KEY", "DRY_RUN", "MODEL_PATH", "EXP", "PROJECT", "NNODES", "N_GPUS_PER_NODE",
+                        "OUTPUT_DIR", "CALIBRL_DEVICE")}  # fmt: skip
     env.update(TRAIN_FILES=str(files["train"]), VAL_FILES=f"{files['val_a']},{files['val_b']}",
-               OUTPUT_DIR=str(tmp_path / "out"))  # fmt: skip
+               PYTHON=sys.executable)  # fmt: skip
     return env
 
 
-def run_recipe(recipe: str, env: dict[str, str], *args: str, dry_flag: bool = True) -> subprocess.CompletedProcess:
-    argv = ["bash", str(RECIPES / recipe), *(["--dry-run"] if dry_flag else []), *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+def run_script(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    argv = ["bash", str(RECIPES / script), *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
-def overrides(stdout: str) -> list[str]:
-    """The Hydra overrides of the printed command (everything after the launcher module)."""
-    words = shlex.split(stdout.replace("\\\n", " "))
-    return words[words.index(LAUNCHER) + 1 :]
+def printed_command(stderr: str) -> list[str]:
+    """The command the launcher printed (first lines of stderr, one argument per continued line)."""
+    lines = stderr.splitlines()
+    end = next(i for i, line in enumerate(lines) if not line.endswith("\\"))
+    return shlex.split(" ".join(line.removesuffix("\\") for line in lines[: end + 1]))
 
 
-def dry_run(recipe: str, env: dict[str, str], *args: str) -> list[str]:
-    result = run_recipe(recipe, env, *args)
-    assert result.returncode == 0, result.stderr
-    return overrides(result.stdout)
-
-
-def compose_overrides(args: list[str]):
-    with initialize_config_module("calibrl_verl.config", version_base=None):
-        return compose("calibrl_trainer", overrides=args)
-
-
-@pytest.mark.parametrize("script", sorted(EXPECTED) + ["common.sh"])
+@pytest.mark.parametrize("script", RUN_SCRIPTS + ["launch.sh"])
 def test_bash_syntax(script: str) -> None:
     result = subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("recipe", sorted(EXPECTED))
-def test_dry_run_prints_the_recipe(recipe: str, data: dict[str, str]) -> None:
-    loss_mode, n, model, tp = EXPECTED[recipe]
-    result = run_recipe(recipe, data)
-    assert result.returncode == 0, result.stderr
-    assert "nothing launched" in result.stderr
-    assert f"python3 -m {LAUNCHER}" in result.stdout.splitlines()[0]
-    args = overrides(result.stdout)
-    for expected in SHARED + [f"calibrl.loss_mode={loss_mode}", f"actor_rollout_ref.rollout.n={n}",
-                              f"actor_rollout_ref.model.path={model}",
-                              f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp}"]:  # fmt: skip
-        assert expected in args, expected
-    assert {a.split("=")[0].removeprefix("calibrl.") for a in args if a.startswith("calibrl.")} == CALIBRL_KEYS
-    assert f"data.train_files=[{data['TRAIN_FILES']}]" in args
-    assert f"data.val_files=[{data['VAL_FILES']}]" in args
-    assert f"trainer.default_local_dir={data['OUTPUT_DIR']}" in args
-    assert len({a.split("=")[0] for a in args}) == len(args)  # each key once: nothing silently overridden
+@pytest.mark.parametrize("script", RUN_SCRIPTS)
+def test_run_script_is_a_few_lines_naming_its_recipe(script: str) -> None:
+    recipe = script.removeprefix("run_").removesuffix(".sh")
+    code = [line for line in (RECIPES / script).read_text().splitlines() if line and not line.startswith("#")]
+    assert code == ["set -euo pipefail", 'source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"',
+                    f'calibrl_launch {recipe} "$@"']  # fmt: skip
 
 
-def test_user_overrides_come_last_and_win(data: dict[str, str]) -> None:
-    user = ["data.train_batch_size=8", "calibrl.alpha=0.3", "+actor_rollout_ref.model.override_config.foo=1"]
-    args = dry_run("run_calibrl_qwen2_5vl_7b.sh", data, *user)
-    assert args[-3:] == user and "data.train_batch_size=480" in args
-    cfg = compose_overrides(args)
-    assert cfg.data.train_batch_size == 8 and cfg.calibrl.alpha == 0.3
+def test_dry_run_prints_the_legacy_config(env: dict[str, str], tmp_path: Path) -> None:
+    """The run script end to end (launcher, main_calibrl --dry-run): its YAML is the bash recipe's config.
+
+    The old scripts' printed overrides composed onto calibrl_trainer, then prepared by main_calibrl, against the
+    printed YAML: the whole config, every key and its type."""
+    result = run_script("run_calibrl_qwen2_5vl_7b.sh", env, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = printed_command(result.stderr)
+    assert command[:2] == ["env", f"TENSORBOARD_DIR={REPO}/checkpoints/calibrl/calibrl_qwen2_5vl_7b/tensorboard"]
+    assert command[command.index(LAUNCHER) + 1 : command.index(LAUNCHER) + 3] == [
+        f"--config-dir={RECIPES}", "--config-name=calibrl_qwen2_5vl_7b"]  # fmt: skip
+    assert "the config passed every check; nothing launched" in result.stderr
+    legacy = compose_legacy("calibrl_qwen2_5vl_7b", data=str(tmp_path))  # the env fixture's data files
+    prepare_config(legacy)
+    assert differences(resolved(legacy), yaml.safe_load(result.stdout)) == []
 
 
-def test_environment_variables(data: dict[str, str]) -> None:
-    env = {**data, "DRY_RUN": "1", "NNODES": "2", "N_GPUS_PER_NODE": "4", "MODEL_PATH": "org/m",
-           "PROJECT": "p", "EXP": "e", "WANDB_API_KEY": "x"}  # fmt: skip
-    result = run_recipe("run_grpo_qwen2_5vl_7b.sh", env, "trainer.save_freq=3", dry_flag=False)
-    assert result.returncode == 0, result.stderr
-    args = overrides(result.stdout)
-    for expected in ["trainer.nnodes=2", "trainer.n_gpus_per_node=4", "actor_rollout_ref.model.path=org/m",
-                     "trainer.project_name=p", "trainer.experiment_name=e",
-                     "trainer.logger=[console,tensorboard,wandb]", "trainer.save_freq=3"]:  # fmt: skip
-        assert expected in args
-    assert f"TENSORBOARD_DIR={data['OUTPUT_DIR']}/tensorboard" in result.stdout.splitlines()[0]
+def test_environment_variables_and_user_overrides(env: dict[str, str], tmp_path: Path) -> None:
+    env = {**env, "DRY_RUN": "1", "NNODES": "2", "N_GPUS_PER_NODE": "4", "MODEL_PATH": "org/m", "PROJECT": "p",
+           "EXP": "e", "WANDB_API_KEY": "x", "OUTPUT_DIR": "rel/out", "TRAIN_FILES": "missing/train.parquet"}
+    user = ["trainer.save_freq=3", "calibrl.alpha=0.3", "data.val_files=hdfs://somewhere/val.parquet"]
+    result = subprocess.run(["bash", str(RECIPES / "run_grpo_qwen2_5vl_7b.sh"), *user], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = printed_command(result.stderr)
+    assert command[-4:] == ["--dry-run", *user]  # the user's overrides come last, so they win
+    assert f"TENSORBOARD_DIR={tmp_path}/rel/out/tensorboard" in command
+    cfg = yaml.safe_load(result.stdout)
+    trainer = cfg["trainer"]
+    assert (trainer["nnodes"], trainer["n_gpus_per_node"], trainer["project_name"], trainer["experiment_name"]) == (
+        2, 4, "p", "e")  # fmt: skip
+    assert trainer["logger"] == ["console", "tensorboard", "wandb"] and trainer["save_freq"] == 3
+    assert trainer["default_local_dir"] == f"{tmp_path}/rel/out"
+    assert cfg["actor_rollout_ref"]["model"]["path"] == "org/m" and cfg["calibrl"]["alpha"] == 0.3
+    assert cfg["data"]["train_files"] == [f"{tmp_path}/missing/train.parquet"]  # made absolute
+    assert cfg["data"]["val_files"] == "hdfs://somewhere/val.parquet"
+    # a dry run names the missing file instead of stopping; the remote one is left to verl
+    assert re.search(rf"dry run: missing data.train_files: no such file: {tmp_path}/missing/train.parquet "
+                     r"\(set TRAIN_FILES or data.train_files", result.stderr)  # fmt: skip
+    assert "a launch would stop on the missing inputs above; nothing launched" in result.stderr
+    assert "val_files: no such file" not in result.stderr
+    assert sorted(tmp_path.iterdir()) == sorted(tmp_path / f"{name}.parquet" for name in ("train", "val_a", "val_b"))
 
 
-def test_mini_batch_split_over_the_gpus_is_checked(data: dict[str, str]) -> None:
-    """verl asserts (prompts x rollout.n) % GPUs == 0 for each PPO mini-batch: the recipe says so up front."""
-    two_nodes = {**data, "NNODES": "2"}
-    result = run_recipe("run_calibrl_qwen2_5vl_7b.sh", two_nodes)  # 120 x 11 rows over 16 GPUs
-    assert result.returncode != 0
-    assert "does not split over 16 GPUs; pass actor_rollout_ref.actor.ppo_mini_batch_size=96" in result.stderr
-    assert "trainer.nnodes=2" in dry_run("run_grpo_qwen2_5vl_7b.sh", two_nodes)  # 120 x 10 rows split
-    fixed = dry_run("run_calibrl_qwen2_5vl_7b.sh", two_nodes, "actor_rollout_ref.actor.ppo_mini_batch_size=96")
-    cfg = compose_overrides(fixed)
-    assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n % 16 == 0
+def test_mini_batch_split_over_the_gpus_is_checked_before_launch(env: dict[str, str]) -> None:
+    """verl asserts (prompts x rollout.n) % GPUs == 0 for each PPO mini-batch: main_calibrl says so up front."""
+    result = run_script("run_calibrl_qwen2_5vl_7b.sh", {**env, "NNODES": "2"}, "--dry-run")  # 120 x 11 rows, 16 GPUs
+    assert result.returncode == 1
+    assert ("error: the PPO mini-batch of 120 prompts x 11 rows does not split over 16 GPUs; pass "
+            "actor_rollout_ref.actor.ppo_mini_batch_size=96 (it divides data.train_batch_size=480)") in result.stderr
+    assert "Traceback" not in result.stderr  # the message, not a stack trace
 
 
-@pytest.mark.parametrize("var", ["TRAIN_FILES", "VAL_FILES"])
-def test_missing_data_file_is_a_clear_error(var: str, data: dict[str, str], tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere" / "x.parquet"
-    result = run_recipe("run_calibrl_qwen2_5vl_7b.sh", {**data, var: str(missing)})
-    assert result.returncode != 0
-    assert f"error: {var}: no such file: {missing}" in result.stderr
-    assert LAUNCHER not in result.stdout
-
-
-def test_missing_local_model_dir_is_a_clear_error(data: dict[str, str], tmp_path: Path) -> None:
-    result = run_recipe("run_calibrl_qwen2_5vl_3b.sh", {**data, "MODEL_PATH": str(tmp_path / "no_model")})
-    assert result.returncode != 0 and "MODEL_PATH: no such directory" in result.stderr
-
-
-def test_data_files_given_as_override_skip_the_env_check(data: dict[str, str], tmp_path: Path) -> None:
-    env = {**data, "TRAIN_FILES": str(tmp_path / "absent.parquet")}
-    args = dry_run("run_calibrl_qwen2_5vl_7b.sh", env, "data.train_files=hdfs://somewhere/train.parquet")
-    assert args[-1] == "data.train_files=hdfs://somewhere/train.parquet"
+def test_bad_environment_variable_is_named() -> None:
+    result = run_script("run_luffy_qwen2_5vl_7b.sh", {**os.environ, "NNODES": "two"}, "--dry-run")
+    assert result.returncode == 1 and "error: NNODES='two' must be a positive integer" in result.stderr
 
 
 def test_help_lists_the_environment() -> None:
-    result = subprocess.run(["bash", str(RECIPES / "run_grpo_qwen2_5vl_7b.sh"), "--help"], capture_output=True,
-                            text=True, check=False)  # fmt: skip
+    result = run_script("run_grpo_qwen2_5vl_7b.sh", dict(os.environ), "--help")
     assert result.returncode == 0
-    assert "GRPO baseline" in result.stdout and "TRAIN_FILES" in result.stdout and "ray start --head" in result.stdout
-
-
-@pytest.mark.parametrize("recipe", sorted(EXPECTED))
-def test_printed_overrides_compose_into_a_valid_verl_config(recipe: str, data: dict[str, str]) -> None:
-    """Every key exists in verl 0.9.1's config (Hydra rejects unknown keys), and verl's validation passes."""
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
-
-    from calibrl_verl.main_calibrl import prepare_config
-
-    loss_mode, n, model, tp = EXPECTED[recipe]
-    cfg = compose_overrides(dry_run(recipe, data))
-    prepare_config(cfg)
-    assert cfg.calibrl.loss_mode == loss_mode and cfg.actor_rollout_ref.rollout.n == n
-    assert cfg.algorithm.adv_estimator == ("grpo" if loss_mode == "grpo" else "calibrl")
-    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == ("vanilla" if loss_mode == "grpo" else loss_mode)
-    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
-    # our reward, behind the reward guard (prepare_config wraps it)
-    reward_fn = cfg.reward.custom_reward_function
-    assert reward_fn.path == "pkg://calibrl_verl.integration.reward_guard" and reward_fn.name == "guarded_score"
-    assert reward_fn.reward_kwargs.calibrl_inner_path == "pkg://calibrl_verl.reward"
-    assert not need_critic(cfg) and not need_reference_policy(cfg)  # no KL: no reference model
-    validate_config(config=cfg, use_reference_policy=False, use_critic=False)
-    # the static micro batches (use_dynamic_bsz=false) divide the per-GPU mini-batch of rows
-    actor = cfg.actor_rollout_ref.actor
-    rows_per_gpu = actor.ppo_mini_batch_size * n // cfg.trainer.n_gpus_per_node
-    assert rows_per_gpu % actor.ppo_micro_batch_size_per_gpu == 0
+    for text in ("GRPO baseline", "recipes/grpo_qwen2_5vl_7b.yaml", "TRAIN_FILES", "DRY_RUN", "ray start --head"):
+        assert text in result.stdout, text
+    assert "set -euo pipefail" not in result.stdout  # the header only
