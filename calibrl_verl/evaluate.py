@@ -7,7 +7,9 @@ Every row of each parquet (verl's RL layout: ``data_source``, ``prompt`` chat me
 placeholders, ``images`` as ``[{"bytes": png}]``, ``reward_model.ground_truth``) is answered greedily. The model
 input is built as verl builds it for a rollout: each ``<image>`` placeholder becomes an image content entry
 (``RLHFDataset._build_messages``), images go through ``qwen_vl_utils.process_vision_info`` with the
-processor's patch size, and the prompt is the processor's chat template with the generation prompt. Answers
+processor's patch size, and the prompt is the processor's chat template with the generation prompt (a text-only
+model, e.g. a Qwen2ForCausalLM directory without an image processor, uses its tokenizer's chat template, as
+verl's ``hf_processor`` / ``hf_tokenizer`` split does; its benchmarks must have no images). Answers
 are scored with ``calibrl_verl.reward.compute_score`` (the training reward: acc, format). Written to ``--out``:
 
 * ``results.md``: a markdown table (benchmark, n, accuracy %, format rate %) plus the macro average;
@@ -17,6 +19,10 @@ are scored with ``calibrl_verl.reward.compute_score`` (the training reward: acc,
 The benchmark name is the parquet file's stem (``data/geoqa/test.parquet`` -> ``test``; files whose stems
 collide get their folder as a prefix, ``geoqa/test``), or the file's ``data_source`` with
 ``--name-by data_source``.
+
+Progress: per benchmark, rows done and the running accuracy go to stderr after every chunk of rows (``--chunk-size``,
+default: the hf batch size, 256 rows for vLLM, which batches a chunk's requests itself): a tqdm bar on a
+terminal, plain lines in logs (see ``calibrl_verl.progress``; ``CALIBRL_PROGRESS=lines|bar|off`` overrides).
 
 Backends: ``vllm`` (``vllm.LLM`` with multi-modal inputs and ``--tp`` tensor parallelism; bf16 on a GPU, float32
 on vLLM's CPU build, whose KV cache defaults to 1 GiB there via ``VLLM_CPU_KVCACHE_SPACE``), ``hf`` (transformers
@@ -47,9 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from calibrl_verl.progress import progress
 from calibrl_verl.reward import compute_score
 
 IMAGE_PLACEHOLDER = "<image>"
+VLLM_CHUNK_ROWS = 256
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 
 
@@ -208,6 +216,8 @@ def _has_column(path: Path, column: str = "data_source") -> bool:
 
 def render(processor: Any, row: Row) -> Request:
     """Chat-template text (generation prompt added) and images processed as verl's agent loop does."""
+    if row.images and not has_image_processor(processor):
+        raise EvalError(f"{row.benchmark}: row {row.index} has images but the model has no image processor")
     prompt = processor.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=False)
     images: list[Any] = []
     if row.images:
@@ -244,9 +254,27 @@ def choose_backend(name: str) -> str:
 
 
 def load_processor(model: str) -> Any:
-    from transformers import AutoProcessor
+    """The model's multimodal processor, or its tokenizer for a text-only model (no image processor saved).
 
-    return AutoProcessor.from_pretrained(model)
+    As verl's ``hf_processor``: AutoProcessor either fails (no ``preprocessor_config.json``) or falls back to the
+    tokenizer itself for such a directory; both mean "text-only, use the tokenizer and its chat template".
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+    except (OSError, ValueError, KeyError):  # what transformers raises when the image processor is missing
+        processor = None
+    if processor is None or not has_image_processor(processor):
+        processor = AutoTokenizer.from_pretrained(model)
+    if getattr(processor, "chat_template", None) is None and not hasattr(processor, "tokenizer"):
+        raise EvalError(f"--model {model}: its tokenizer has no chat template (an instruct/chat model is expected)")
+    return processor
+
+
+def has_image_processor(processor: Any) -> bool:
+    """True for a multimodal processor (Qwen2.5-VL's, ...), False for a plain tokenizer."""
+    return getattr(processor, "image_processor", None) is not None
 
 
 # Pure greedy, like vLLM with explicit SamplingParams(temperature=0): the checkpoint's generation_config
@@ -263,11 +291,14 @@ class HFBackend:
         self.processor = load_processor(model)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:  # batched left padding needs one (verl's hf_tokenizer does the same)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = load_hf_model(model, dtype).to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.chunk_size = batch_size  # one batch per progress update
 
     def generate(self, requests: list[Request]) -> list[str]:
         out: list[str] = []
@@ -316,9 +347,11 @@ class VLLMBackend:
             kwargs["enforce_eager"] = True  # no model compile on CPU: ~20 s of start-up (see cpu/settings.py)
         self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=max_model_len, **kwargs)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.chunk_size = VLLM_CHUNK_ROWS  # vLLM batches a chunk itself; larger chunks, fewer progress updates
 
     def generate(self, requests: list[Request]) -> list[str]:
-        outputs = self.llm.generate([vllm_input(r) for r in requests], self.params)
+        # our progress (per chunk, with accuracy) replaces vLLM's own bar, whose \r updates would fill a log
+        outputs = self.llm.generate([vllm_input(r) for r in requests], self.params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
 
@@ -373,12 +406,21 @@ def generation_record(row: Row, request: Request, response: str, score: dict[str
     }
 
 
-def evaluate_rows(rows: list[Row], backend: Backend) -> list[dict[str, Any]]:
-    """Render, generate greedily, score: one record per row."""
-    requests = [render(backend.processor, row) for row in rows]
-    responses = backend.generate(requests)
-    scores = score_rows(responses, rows)
-    return [generation_record(*item) for item in zip(rows, requests, responses, scores, strict=True)]
+def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = None) -> list[dict[str, Any]]:
+    """Render, generate greedily, score: one record per row; progress (running accuracy) after each chunk."""
+    chunk = chunk_size or getattr(backend, "chunk_size", None) or max(len(rows), 1)
+    records: list[dict[str, Any]] = []
+    name = rows[0].benchmark if rows else ""
+    with progress(total=len(rows), desc=f"eval {name}", unit="rows") as bar:
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            requests = [render(backend.processor, row) for row in part]
+            responses = backend.generate(requests)
+            scores = score_rows(responses, part)
+            records += [generation_record(*item) for item in zip(part, requests, responses, scores, strict=True)]
+            bar.set_postfix(acc=f"{100.0 * sum(r['acc'] for r in records) / len(records):.1f}%")
+            bar.update(len(part))
+    return records
 
 
 def summarize(records: Sequence[dict[str, Any]], benchmarks: Sequence[str]) -> list[dict[str, Any]]:
@@ -447,13 +489,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="response budget (training: 4096)")
     parser.add_argument("--limit", type=int, default=None, help="first N rows of each file only")
     parser.add_argument("--batch-size", type=int, default=8, help="hf backend batch size")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help=f"rows per progress update [hf: batch size, vLLM: {VLLM_CHUNK_ROWS}]",
+    )
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size")
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len [model's]")
     parser.add_argument("--name-by", choices=["stem", "data_source"], default="stem", help="benchmark naming")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("eval_results") / Path(args.model.rstrip("/")).name
-    for key in ("max_new_tokens", "batch_size", "tp", "limit"):
+    for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     return args
@@ -465,7 +513,11 @@ def run(args: argparse.Namespace, backend_factory: Callable[[int], Backend] | No
     datasets = [load_rows(path, name, args.limit) for path, name in zip(args.data, names, strict=True)]
     max_images = max((len(r.images) for rows in datasets for r in rows), default=0)
     backend = backend_factory(max_images) if backend_factory else make_backend(args, max_images)
-    records = [record for rows in datasets for record in evaluate_rows(rows, backend)]
+    if max_images and not has_image_processor(backend.processor):
+        with_images = [n for n, rows in zip(names, datasets, strict=True) if any(r.images for r in rows)]
+        raise EvalError(f"--model {args.model} is text-only (no image processor) but {with_images} have images")
+    chunk = getattr(args, "chunk_size", None)
+    records = [record for rows in datasets for record in evaluate_rows(rows, backend, chunk)]
     table = summarize(records, names)
     write_outputs(args.out, records, table, title=f"{args.model}")
     return table

@@ -66,6 +66,8 @@ _UNIT_RE = re.compile(
 _SPACING_TOKENS = {"\\left": "", "\\right": "", "\\,": "", "\\!": "", "\\;": "", "\\:": "", "\\ ": " ", "~": " "}
 _ASSIGN_RE = re.compile(r"^[^=<>]{1,20}?=(?!=)\s*([^=]+)$")
 _NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
+# 7.5e-5, 7.5\times10^{-5}, 3\cdot10^8 (spaces already removed); a 3-digit exponent bound keeps floats finite
+_SCIENTIFIC_RE = re.compile(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))(?:[eE]|\\(?:times|cdot)10\^)\{?([-+]?\d{1,3})\}?$")
 _FRAC_RE = re.compile(r"^([-+]?)\\frac\{([-+]?[\d.]+)\}\{([-+]?[\d.]+)\}$")
 _SLASH_RE = re.compile(r"^([-+]?[\d.]+)\s*/\s*([-+]?[\d.]+)$")
 _SYMBOLIC_CHARS_RE = re.compile(r"^[0-9A-Za-z\s+\-*/^().,{}\\\[\]|=<>√π:]*$")
@@ -132,6 +134,10 @@ def answers_match(answer: str, ground_truth: str) -> bool:
         return option_letter(pred) == gold_letter
     if "=" not in gold:
         pred = _strip_assignment(pred)
+    if to_number(gold) is not None and to_number(pred) is not None:
+        # two plain numbers: the numeric comparison decides (mathruler rounds |x| < 1e-7 to the integer 0, so it
+        # would grade 1e-12 equal to 2e-12)
+        return _exact_equal(pred, gold) or _numeric_equal(pred, gold)
     return _exact_equal(pred, gold) or _numeric_equal(pred, gold) or _symbolic_equal(pred, gold)
 
 
@@ -166,6 +172,7 @@ def normalize_answer(text: str) -> str:
         text = text.replace(token, replacement)
     text = _DEGREE_RE.sub("", text)
     text = text.replace("\\%", "%").strip().rstrip("%")
+    text = text.replace("\\$", "")  # currency: MATH writes \$18.90
     text = _UNIT_RE.sub("", text)
     text = re.sub(r"\s+", " ", text).strip()
     return text.rstrip(".").strip()
@@ -203,13 +210,17 @@ def _exact_equal(pred: str, gold: str) -> bool:
 
 
 def to_number(text: str) -> float | None:
-    """Parse ``12``, ``-0.5``, ``1,000``, ``1/2``, ``\\frac{1}{2}``, ``-\\frac{3}{4}`` without eval; else None."""
+    """Parse ``12``, ``-0.5``, ``1,000``, ``7.5e-5``, ``7.5\\times10^{-5}``, ``1/2``, ``\\frac{1}{2}``,
+    ``-\\frac{3}{4}`` without eval; else None."""
     text = text.replace(" ", "")
     if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", text):
         text = text.replace(",", "")
     try:
         if _NUMBER_RE.match(text):
             return float(text)
+        scientific = _SCIENTIFIC_RE.match(text)
+        if scientific is not None:
+            return float(scientific.group(1)) * 10.0 ** int(scientific.group(2))
         frac = _FRAC_RE.match(text) or _SLASH_RE.match(text)
         if frac is None:
             return None
@@ -225,7 +236,8 @@ def _numeric_equal(pred: str, gold: str) -> bool:
     gold_value, pred_value = to_number(gold), to_number(pred)
     if gold_value is None or pred_value is None:
         return False
-    return math.isclose(gold_value, pred_value, rel_tol=1e-6, abs_tol=1e-9)
+    # the absolute tolerance only for a zero ground truth: else 1.6e-19 would equal 3.2e-19
+    return math.isclose(gold_value, pred_value, rel_tol=1e-6, abs_tol=1e-9 if gold_value == 0 else 0.0)
 
 
 def _safe_for_symbolic(text: str) -> bool:

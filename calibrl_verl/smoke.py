@@ -1,6 +1,8 @@
 """The tiny end-to-end run: CalibRL's real recipe on a tiny Qwen2.5-VL, and the checks a smoke test makes of it.
 
     python -m calibrl_verl.smoke run --out outputs/tiny_cpu [--steps 3] [--loss-mode calibrl] [hydra overrides]
+        [--family qwen3_vl]   (the tiny Qwen3-VL instead of the tiny Qwen2.5-VL)
+        [--family text]       (the tiny text-only Qwen2 on the text task: calibrl_verl.tiny.text_task)
     python -m calibrl_verl.smoke check outputs/tiny_cpu/calibrl/metrics.jsonl --steps 3 --loss-mode calibrl
 
 ``run`` builds the tiny model and data if missing (``calibrl_verl.tiny``), launches
@@ -41,17 +43,19 @@ MAX_ROLLOUT_PROB_DIFF = 0.02
 
 
 def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, device: str,
-                     save_freq: int | None = None) -> list[str]:
+                     save_freq: int | None = None, family: str = "qwen2_5_vl") -> list[str]:
     """The tiny recipe: 4 prompts x (4 samples + 1 expert), short responses, checkpoints in ``run_dir``.
 
-    A checkpoint is saved every ``save_freq`` steps (default: at the last step only).
+    A checkpoint is saved every ``save_freq`` steps (default: at the last step only). ``family="text"``: the
+    text-only model (no processor) on the text task's rows, which have no images.
     """
     n = N_ONPOLICY + (0 if loss_mode == "grpo" else 1)
+    text = family == "text"
     args = [
         f"data.train_files={tiny.train_files(assets)}", f"data.val_files={tiny.val_files(assets)}",
         "data.image_key=images", f"data.train_batch_size={PROMPTS_PER_STEP}", "data.max_prompt_length=512",
         "data.max_response_length=48", "data.shuffle=false",
-        f"actor_rollout_ref.model.path={tiny.model_dir(assets)}",
+        f"actor_rollout_ref.model.path={tiny.text_model_dir(assets) if text else tiny.model_dir(assets)}",
         f"actor_rollout_ref.rollout.n={n}", "actor_rollout_ref.rollout.temperature=1.0",
         "actor_rollout_ref.rollout.calculate_log_probs=true",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS_PER_STEP}",
@@ -67,6 +71,8 @@ def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, de
         # reproducible sampling (and resume equality): a vLLM seed per request from what the request is
         "calibrl.seeded_rollouts=true",
     ]
+    if family == "qwen3_vl":  # its 16-px patches (tiny/qwen3_vl.py PATCH), as recipes/models/qwen3vl_*.yaml set
+        args.append("data.image_patch_size=16")
     if device == "gpu":
         args += ["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
                  "trainer.n_gpus_per_node=1", "trainer.nnodes=1"]
@@ -174,7 +180,7 @@ def launch(run_dir: Path, overrides: list[str], device: str, name: str = "metric
     return start(run_dir, overrides, device, name).wait(timeout)
 
 
-def ensure_assets(assets: Path, **build_kwargs: int) -> Path:
+def ensure_assets(assets: Path, **build_kwargs: int | str) -> Path:
     """Build the tiny model and data into ``assets`` unless a finished build is already there."""
     if not (assets / "build_info.json").exists():
         args = [f"--{key.replace('_', '-')}={value}" for key, value in build_kwargs.items()]
@@ -183,17 +189,21 @@ def ensure_assets(assets: Path, **build_kwargs: int) -> Path:
 
 
 def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str],
-        timeout: int | None = DEFAULT_TIMEOUT_S, name: str = "metrics") -> Path:
+        timeout: int | None = DEFAULT_TIMEOUT_S, name: str = "metrics", family: str = "qwen2_5_vl") -> Path:
     """Build assets if needed, train, plot; returns the metrics JSONL path. Raises on a non-zero exit.
 
     Checkpoints go to ``out/<loss_mode>/checkpoints`` and verl resumes from the latest one there
     (``trainer.resume_mode=auto``); ``name`` names this launch's metrics/log files, since verl's file logger
-    starts its file afresh on every launch.
+    starts its file afresh on every launch. ``family`` picks the tiny model (``python -m calibrl_verl.tiny.build
+    --family``); a non-default family builds into ``out/assets_<family>``.
     """
     out = out.resolve()
-    assets = ensure_assets(out / "assets")
+    if family == "qwen2_5_vl":
+        assets = ensure_assets(out / "assets")
+    else:
+        assets = ensure_assets(out / f"assets_{family}", family=family)
     run_dir = out / loss_mode
-    overrides = recipe_overrides(assets, run_dir, steps, loss_mode, device) + extra
+    overrides = recipe_overrides(assets, run_dir, steps, loss_mode, device, family=family) + extra
     metrics = launch(run_dir, overrides, device, name=name, timeout=timeout)
     from calibrl_verl.plots import main as plot
 
@@ -253,13 +263,15 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--loss-mode", default="calibrl", choices=["calibrl", "grpo", "luffy", "rlplus"])
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    r.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "text"],
+                   help="the tiny model (calibrl_verl.tiny.build --family)")
     c = sub.add_parser("check")
     c.add_argument("metrics", type=Path)
     c.add_argument("--steps", type=int, required=True)
     c.add_argument("--loss-mode", default="calibrl")
     args, extra = parser.parse_known_args(argv)
     if args.cmd == "run":
-        metrics = run(args.out, args.steps, args.loss_mode, args.device, extra)
+        metrics = run(args.out, args.steps, args.loss_mode, args.device, extra, family=args.family)
         print(f"metrics: {metrics}\ncurves:  {metrics.parent / 'curves.png'}")
         args = argparse.Namespace(metrics=metrics, steps=args.steps, loss_mode=args.loss_mode)
     results = check(args.metrics, args.steps, args.loss_mode)

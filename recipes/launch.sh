@@ -14,8 +14,11 @@
 #
 # Environment (defaults in brackets; relative paths are taken from the current directory):
 #   MODEL_PATH       HF model id or local dir          [the recipe's: Qwen/Qwen2.5-VL-7B-Instruct, 3B for the 3B recipe]
+#                    (Qwen/Qwen3-VL-8B-Instruct for the *_qwen3vl_8b recipes, 4B for calibrl_qwen3vl_4b)
 #   TRAIN_FILES      training parquet(s), comma- or space-separated  [<repo>/data/virl39k/train.parquet]
 #   VAL_FILES        validation parquet(s)  [<repo>/data/geometry3k/test.parquet,<repo>/data/geoqa/test.parquet]
+#                    (a text recipe, one whose defaults list names `text`: the files in recipes/text.yaml, under
+#                    <repo>/: data/openr1_math/train.parquet and data/math500/test.parquet)
 #   NNODES           nodes in the Ray cluster          [the recipe's: 1]
 #   N_GPUS_PER_NODE  GPUs per node                     [the recipe's: 8]
 #   PROJECT, EXP     trainer.project_name / trainer.experiment_name  [the recipe's: calibrl, <recipe>]
@@ -65,10 +68,20 @@ calibrl_positive_int() {
   [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || calibrl_die "$1='${!1}' must be a positive integer"
 }
 
+# A text recipe's default data files: recipes/text.yaml's `  <key>: [a, b]` line as "<repo>/a,<repo>/b".
+calibrl_text_files() {
+  sed -n "s/^  $1: *\[\(.*\)\]\$/\1/p" "$CALIBRL_RECIPES_DIR/text.yaml" | tr ',' '\n' \
+    | sed "s|^ *|$CALIBRL_ROOT/|" | paste -sd, -
+}
+
 # The overrides the environment asks for, into CALIBRL_ENV_ARGS (a variable left unset keeps the recipe's value;
 # data files and OUTPUT_DIR always have a value, as they did before the recipes were YAML: <repo>/...).
 calibrl_env_overrides() {
   local recipe="$1"
+  if grep -qx '  - text' "$CALIBRL_RECIPES_DIR/$recipe.yaml" 2>/dev/null; then  # text data (recipes/text.yaml)
+    : "${TRAIN_FILES:=$(calibrl_text_files train_files)}"
+    : "${VAL_FILES:=$(calibrl_text_files val_files)}"
+  fi
   : "${TRAIN_FILES:=$CALIBRL_ROOT/data/virl39k/train.parquet}"
   : "${VAL_FILES:=$CALIBRL_ROOT/data/geometry3k/test.parquet,$CALIBRL_ROOT/data/geoqa/test.parquet}"
   : "${OUTPUT_DIR:=$CALIBRL_ROOT/checkpoints/${PROJECT:-calibrl}/${EXP:-$recipe}}"

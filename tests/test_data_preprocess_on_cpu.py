@@ -180,7 +180,10 @@ def test_virl39k_main_joins_and_wraps_experts(virl_fixture: dict, capsys: pytest
     assert "expert_unparsable" in printed and "rows_written" in printed
 
 
-def test_virl39k_category_filter_and_require_expert(virl_fixture: dict) -> None:
+def test_virl39k_category_filter_and_require_expert(
+    virl_fixture: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALIBRL_PROGRESS_EVERY", "2")
     output = virl_fixture["tmp"] / "geo.parquet"
     summary = virl39k.main(virl_argv(virl_fixture, output, "--categories", "geometr", "--require-expert"))
     ids = [row["extra_info"]["id"] for row in read_rows(output)]
@@ -188,6 +191,13 @@ def test_virl39k_category_filter_and_require_expert(virl_fixture: dict) -> None:
     assert summary["skipped_category"] == 1
     assert summary["skipped_no_expert"] == 2
     assert [row["extra_info"]["index"] for row in read_rows(output)] == [0, 1]
+    # progress on stderr (not a terminal under pytest: plain lines, every 2 rows and at the end)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[prep virl39k]")]
+    assert [(line.split(" rows")[0], line.rsplit(", ", 2)[-2:]) for line in lines] == [
+        ("[prep virl39k] 2/5", ["kept=2", "dropped=0"]),
+        ("[prep virl39k] 4/5", ["kept=2", "dropped=2"]),
+        ("[prep virl39k] 5/5", ["kept=2", "dropped=3"]),
+    ]
 
 
 def test_virl39k_without_expert_file_keeps_rows_with_empty_solution(virl_fixture: dict) -> None:
@@ -206,6 +216,8 @@ def test_virl39k_script_runs_as_subprocess(virl_fixture: dict) -> None:
     assert done.returncode == 0, done.stderr
     assert "rows_written" in done.stdout and "expert_wrapped" in done.stdout
     assert len(pd.read_parquet(output)) == 5
+    assert "[prep virl39k] 5/5 rows (100.0%)" in done.stderr and "kept=5, dropped=0" in done.stderr
+    assert "\r" not in done.stderr  # stderr is a pipe: lines, not a tqdm bar
 
     bad = [sys.executable, str(SCRIPTS / "virl39k.py"), *virl_argv(virl_fixture, output), "--question-column", "q"]
     failed = subprocess.run(bad, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
@@ -238,6 +250,7 @@ def test_virl39k_script_runs_as_subprocess(virl_fixture: dict) -> None:
             "<think>r  trailing</think><answer>4</answer>",
             "expert_wrapped",
         ),
+        ("Work.\nThe answer is: 12", "<think>Work.\nThe answer is: 12</think><answer>12</answer>", "expert_wrapped"),
         ("I am not sure about this one.", "", "expert_unparsable"),
         ("<think>a</think><answer>1</answer><answer>2</answer>", "", "expert_unparsable"),
         ("   ", "", "expert_missing"),
@@ -372,6 +385,13 @@ def test_eval_mathvision_mathverse_wemath_schemas(tmp_path: Path) -> None:
     assert we[0]["reward_model"]["ground_truth"] == "B"
     assert we[0]["prompt"][0]["content"].startswith("<image>Find the area.\nA. 12\nB. 24\nC. 36\n")
     assert decode(we[0]["images"][0]).getpixel((0, 0)) == (2, 2, 2)
+
+
+def test_clean_ground_truth_forms() -> None:
+    assert prep.clean_ground_truth(27.0) == "27" and prep.clean_ground_truth("27.0") == "27"  # AMC floats
+    assert prep.clean_ground_truth("$-3.00$") == "-3" and prep.clean_ground_truth("2.50") == "2.50"
+    assert prep.clean_ground_truth(["$\\frac{1}{2}$", "", "\\boxed{3}"]) == "\\frac{1}{2}, 3"  # OlympiadBench lists
+    assert prep.clean_ground_truth("033") == "033" and prep.clean_ground_truth(None) == ""
 
 
 def test_parse_choices_and_ground_truth_mapping() -> None:
@@ -555,3 +575,20 @@ def test_rlhf_dataset_loads_text_only_output_with_tokenizer(tmp_path: Path, tiny
     assert len(dataset) == 2
     assert dataset[1]["raw_prompt"] == [{"role": "user", "content": "What is 2+2?\n" + prep.INSTRUCTION}]
     assert dataset[1]["extra_info"]["answer"] == "4"
+
+
+def test_rlhf_dataset_loads_openr1_output_with_its_expert(tmp_path: Path, tiny_tokenizer) -> None:
+    """The OpenR1-Math script's text-only output, expert included, through verl's RLHFDataset."""
+    openr1_math = load_script("openr1_math")
+    trace = "<think>\n2 plus 2 is 4.\n</think>\nThus $\\boxed{4}$."
+    record = {"problem": "What is 2+2?", "answer": "4", "uuid": "u1", "generations": [trace],
+              "correctness_math_verify": [True], "is_reasoning_complete": [True]}  # fmt: skip
+    source = write_jsonl(tmp_path / "openr1.jsonl", [record, {**record, "uuid": "u2", "answer": "5"}])
+    output = tmp_path / "openr1.parquet"
+    summary = openr1_math.main(["--input", str(source), "--output", str(output)])
+    assert summary["expert_r1_trace"] == 1 and summary["trace_reward_rejected"] == 1
+    dataset = rlhf_dataset(output, tiny_tokenizer, None, tmp_path)
+    assert len(dataset) == 2
+    assert dataset[0]["raw_prompt"] == [{"role": "user", "content": "What is 2+2?\n" + prep.INSTRUCTION}]
+    assert dataset[0]["solution"] == "<think>2 plus 2 is 4.</think><answer>4</answer>"
+    assert dataset[1]["solution"] == "" and dataset[1]["reward_model"]["ground_truth"] == "5"

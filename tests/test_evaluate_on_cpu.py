@@ -1,9 +1,10 @@
-"""calibrl_verl.evaluate end to end on a tiny local Qwen2.5-VL (hf backend, and vLLM's CPU build against it), plus
-its parts with known answers."""
+"""calibrl_verl.evaluate end to end on a tiny local Qwen2.5-VL and a tiny text-only Qwen2 (hf backend, and vLLM's CPU
+build against both), plus its parts with known answers and its progress output."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,7 +31,22 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     build(root, n_train=4, n_val=4, warmstart_steps=0, eval_samples=0)
-    return {"model": model_dir(root), "train": train_files(root), "val": val_files(root)}
+    math500 = text_benchmark(root / "raw", root / "data" / "math500.parquet")
+    return {"model": model_dir(root), "train": train_files(root), "val": val_files(root),
+            "text_model": root / "text_model", "math500": math500}  # fmt: skip
+
+
+def text_benchmark(raw: Path, out: Path) -> Path:
+    """A four-row MATH-500-layout file through the text benchmark prep script (as a user makes one)."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "data_preprocess" / "text_benchmarks.py"
+    spec = importlib.util.spec_from_file_location("eval_test_text_benchmarks", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw.mkdir(parents=True, exist_ok=True)
+    records = [{"problem": f"What is {i} + {i}?", "answer": f"${2 * i}$", "unique_id": f"t/{i}.json"} for i in range(4)]
+    (raw / "math500.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    module.main(["--benchmark", "math500", "--input", str(raw / "math500.jsonl"), "--output", str(out)])
+    return out
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -200,20 +216,27 @@ def test_vllm_backend_on_cpu_uses_float32_eager_and_a_bounded_kv_cache(
 
     monkeypatch.setattr(evaluate, "vllm_on_cpu", lambda: True)
     evaluate.VLLMBackend(str(tiny["model"]), 7, tp=2, max_images=1, max_model_len=512)
-    assert built[-1] == {**common, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32",
-                         "enforce_eager": True}  # no model compile on CPU
+    assert built[-1] == {
+        **common,
+        "limit_mm_per_prompt": {"image": 1},
+        "dtype": "float32",
+        "enforce_eager": True,
+    }  # no model compile on CPU
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a value the user set is kept
     evaluate.VLLMBackend(str(tiny["model"]), 7, tp=1, max_images=0, max_model_len=None)
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3" and "limit_mm_per_prompt" not in built[-1]
 
 
-def run_cli(tiny: dict[str, Path], out: Path, backend: str, rows: int, tokens: int) -> subprocess.CompletedProcess:
-    """``python -m calibrl_verl.evaluate`` on the tiny model's val parquet, as a user runs it."""
+def run_cli(
+    tiny: dict[str, Path], out: Path, backend: str, rows: int, tokens: int, model: str = "model", data: str = "val"
+) -> subprocess.CompletedProcess:
+    """``python -m calibrl_verl.evaluate`` on a tiny model and parquet (default: VL model, val), as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the module's default applies
-    command = [sys.executable, "-m", "calibrl_verl.evaluate", "--model", str(tiny["model"]), "--data",
-               str(tiny["val"]), "--out", str(out), "--backend", backend, "--limit", str(rows),
-               "--max-new-tokens", str(tokens)]  # fmt: skip
+    env["CALIBRL_PROGRESS_EVERY"] = "1"
+    command = [sys.executable, "-m", "calibrl_verl.evaluate", "--model", str(tiny[model]), "--data",
+               str(tiny[data]), "--out", str(out), "--backend", backend, "--limit", str(rows),
+               "--max-new-tokens", str(tokens), "--chunk-size", "1"]  # fmt: skip
     cwd = Path(__file__).resolve().parents[1]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
@@ -248,4 +271,98 @@ def test_vllm_cli_on_cpu_matches_the_hf_backend(tiny: dict[str, Path], tmp_path:
 
     assert [text(r) for r in ours] == [text(r) for r in theirs]
     assert [(r["acc"], r["format"], r["score"]) for r in ours] == [(r["acc"], r["format"], r["score"]) for r in theirs]
+    assert (tmp_path / "vllm" / "results.csv").read_text() == (tmp_path / "hf" / "results.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------- text-only models
+
+
+def progress_lines(stderr: str, benchmark: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"[eval {benchmark}]")]
+
+
+def test_text_only_model_uses_the_tokenizer_chat_template(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Qwen2ForCausalLM directory (no image processor) evaluates with its tokenizer's chat template, no images."""
+    monkeypatch.setenv("CALIBRL_PROGRESS_EVERY", "1")
+    processor = evaluate.load_processor(str(tiny["text_model"]))
+    from transformers import PreTrainedTokenizerBase
+
+    assert not evaluate.has_image_processor(processor) and isinstance(processor, PreTrainedTokenizerBase)
+    assert evaluate.has_image_processor(evaluate.load_processor(str(tiny["model"])))
+
+    out = tmp_path / "eval"
+    evaluate.main(["--model", str(tiny["text_model"]), "--data", str(tiny["math500"]), "--out", str(out),
+                   "--backend", "hf", "--max-new-tokens", "5", "--batch-size", "2"])  # fmt: skip
+    records = read_jsonl(out / "generations.jsonl")
+    assert [(r["benchmark"], r["data_source"], r["ground_truth"]) for r in records] == [
+        ("math500", "math500", str(2 * i)) for i in range(4)
+    ]
+    rows = evaluate.load_rows(tiny["math500"], "math500")
+    for record, row in zip(records, rows, strict=True):
+        assert row.images == [] and isinstance(row.messages[0]["content"], str)
+        assert record["prompt"] == processor.apply_chat_template(row.messages, add_generation_prompt=True,
+                                                                 tokenize=False)  # fmt: skip
+        assert record["prompt"].startswith("<|im_start|>user\nWhat is") and "vision" not in record["prompt"]
+        assert record["response"] and record["acc"] in (0.0, 1.0)
+    lines = progress_lines(capsys.readouterr().err, "math500")
+    assert [line.split(" rows")[0] for line in lines] == [
+        "[eval math500] 2/4",
+        "[eval math500] 4/4",
+        "[eval math500] 4/4",
+    ]
+    accuracy = 100 * sum(r["acc"] for r in records) / 4
+    assert lines[-1].endswith(f"acc={accuracy:.1f}%")
+
+
+def test_running_accuracy_in_progress_lines(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per benchmark, one line per chunk with the accuracy so far (scripted answers: right, wrong, right, wrong)."""
+    monkeypatch.setenv("CALIBRL_PROGRESS_EVERY", "1")
+    monkeypatch.delenv("CALIBRL_PROGRESS", raising=False)
+    truths = [str(2 * i) for i in range(4)]
+    args = evaluate.parse_args(["--model", str(tiny["text_model"]), "--data", str(tiny["math500"]), "--out",
+                                str(tmp_path), "--chunk-size", "1"])  # fmt: skip
+    backend = ScriptedBackend(evaluate.load_processor(str(tiny["text_model"])), truths)
+    table = evaluate.run(args, backend_factory=lambda max_images: backend)
+    assert table == [{"benchmark": "math500", "n": 4, "accuracy": 50.0, "format_rate": 100.0}]
+    lines = progress_lines(capsys.readouterr().err, "math500")
+    assert [(line.split(" rows")[0], line.rsplit(", ", 1)[-1]) for line in lines] == [
+        ("[eval math500] 1/4", "acc=100.0%"), ("[eval math500] 2/4", "acc=50.0%"),
+        ("[eval math500] 3/4", "acc=66.7%"), ("[eval math500] 4/4", "acc=50.0%"), ("[eval math500] 4/4", "acc=50.0%"),
+    ]  # fmt: skip
+    assert [len(r.images) for r in backend.requests] == [0] * 4
+
+
+def test_text_only_model_refuses_image_benchmarks(tiny: dict[str, Path], tmp_path: Path) -> None:
+    base = ["--model", str(tiny["text_model"]), "--out", str(tmp_path / "o"), "--backend", "hf"]
+    with pytest.raises(SystemExit, match=r"is text-only \(no image processor\) but \['val'\] have images"):
+        evaluate.main([*base, "--data", str(tiny["math500"]), str(tiny["val"])])
+    assert not (tmp_path / "o").exists()
+    row = evaluate.load_rows(tiny["val"], "val", limit=1)[0]
+    with pytest.raises(evaluate.EvalError, match="val: row 0 has images but the model has no image processor"):
+        evaluate.render(evaluate.load_processor(str(tiny["text_model"])), row)
+
+
+@needs_vllm
+@pytest.mark.skipif(evaluate.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
+def test_vllm_cli_on_cpu_text_model_matches_the_hf_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``--backend vllm`` on the text-only model (no image processor, no multi-modal limits) answers as hf does."""
+    rows, tokens = 3, 12
+    vllm_run = run_cli(tiny, tmp_path / "vllm", "vllm", rows, tokens, model="text_model", data="math500")
+    assert vllm_run.returncode == 0, vllm_run.stderr[-4000:]
+    hf_run = run_cli(tiny, tmp_path / "hf", "hf", rows, tokens, model="text_model", data="math500")
+    assert hf_run.returncode == 0, hf_run.stderr[-4000:]
+    assert "[evaluate] backend: vllm" in vllm_run.stderr and "| math500 | 3 |" in vllm_run.stdout
+    for run in (vllm_run, hf_run):  # --chunk-size 1: a progress line per row, then the final one
+        lines = progress_lines(run.stderr, "math500")
+        assert [line.split(" rows")[0] for line in lines] == [f"[eval math500] {n}/3" for n in (1, 2, 3, 3)]
+        assert all("acc=" in line for line in lines)
+    ours = read_jsonl(tmp_path / "vllm" / "generations.jsonl")
+    theirs = read_jsonl(tmp_path / "hf" / "generations.jsonl")
+    assert [r["prompt"] for r in ours] == [r["prompt"] for r in theirs]
+    assert all(r["response"] for r in ours)
+    assert [r["response"].rstrip("\ufffd") for r in ours] == [r["response"].rstrip("\ufffd") for r in theirs]
     assert (tmp_path / "vllm" / "results.csv").read_text() == (tmp_path / "hf" / "results.csv").read_text()

@@ -34,6 +34,21 @@ EXPECTED = {
     "luffy_qwen2_5vl_7b": ("qwen2_5vl_7b", "luffy", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
     "rlplus_qwen2_5vl_7b": ("qwen2_5vl_7b", "rlplus", 11, "Qwen/Qwen2.5-VL-7B-Instruct", 2),
 }
+# The paper's setting on Qwen3-VL (made after the bash recipes: no legacy fixture to compare with)
+QWEN3VL = {
+    "calibrl_qwen3vl_8b": ("qwen3vl_8b", "calibrl", 11, "Qwen/Qwen3-VL-8B-Instruct", 2),
+    "grpo_qwen3vl_8b": ("qwen3vl_8b", "grpo", 10, "Qwen/Qwen3-VL-8B-Instruct", 2),
+    "luffy_qwen3vl_8b": ("qwen3vl_8b", "luffy", 11, "Qwen/Qwen3-VL-8B-Instruct", 2),
+    "rlplus_qwen3vl_8b": ("qwen3vl_8b", "rlplus", 11, "Qwen/Qwen3-VL-8B-Instruct", 2),
+    "calibrl_qwen3vl_4b": ("qwen3vl_4b", "calibrl", 11, "Qwen/Qwen3-VL-4B-Instruct", 1),
+}
+ALL_RECIPES = {**EXPECTED, **QWEN3VL}
+# text-only recipes (recipes/text.yaml + models/qwen2_5_math_7b.yaml): recipe -> (method file, rollout.n); no legacy
+# bash recipe to match, so they are checked against the Qwen2.5-VL-7B recipe of the same method instead
+TEXT_RECIPES = {
+    "calibrl_qwen2_5_math_7b": ("calibrl", 11), "grpo_qwen2_5_math_7b": ("grpo", 10),
+    "luffy_qwen2_5_math_7b": ("luffy", 11), "rlplus_qwen2_5_math_7b": ("rlplus", 11),
+}  # fmt: skip
 # The paper's setting (SPEC section 7), shared by every recipe: same data and budget for the baselines.
 SPEC7 = {
     "data.train_batch_size": 480, "actor_rollout_ref.actor.ppo_mini_batch_size": 120,
@@ -95,9 +110,9 @@ def test_yaml_recipe_composes_to_what_the_bash_recipe_composed(recipe: str) -> N
     assert differences(resolved(legacy), resolved(new)) == []
 
 
-@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES))
 def test_recipe_has_the_paper_setting_model_and_method(recipe: str) -> None:
-    _, loss_mode, n, model, tp = EXPECTED[recipe]
+    _, loss_mode, n, model, tp = ALL_RECIPES[recipe]
     cfg = compose_recipe(recipe, [])
     for key, value in SPEC7.items():
         assert OmegaConf.select(cfg, key) == value, key
@@ -110,9 +125,9 @@ def test_recipe_has_the_paper_setting_model_and_method(recipe: str) -> None:
     assert actor.ppo_max_token_len_per_gpu == cfg.data.max_prompt_length + cfg.data.max_response_length
 
 
-@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES))
 def test_defaults_list_composes_base_paper_model_method_self(recipe: str) -> None:
-    model, method = EXPECTED[recipe][:2]
+    model, method = ALL_RECIPES[recipe][:2]
     doc = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
     assert doc["defaults"] == ["ppo_trainer", "calibrl_base", "paper", {"models": model}, {"methods": method},
                                "_self_"]  # fmt: skip
@@ -120,13 +135,13 @@ def test_defaults_list_composes_base_paper_model_method_self(recipe: str) -> Non
     assert set(doc) == {"hydra", "defaults", "trainer"} and doc["trainer"] == {"experiment_name": recipe}
 
 
-@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES))
 def test_recipe_passes_verl_validation(recipe: str) -> None:
     """Every key exists in verl 0.9.1's config (Hydra rejects unknown keys), and verl's validation passes."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    loss_mode, n = EXPECTED[recipe][1:3]
+    loss_mode, n = ALL_RECIPES[recipe][1:3]
     cfg = compose_recipe(recipe, [])
     check_batch_split(cfg, prepare_config(cfg))  # main_calibrl's start-up checks, as a launch makes them
     assert cfg.algorithm.adv_estimator == ("grpo" if loss_mode == "grpo" else "calibrl")
@@ -149,6 +164,21 @@ def test_model_and_method_swap_from_the_command_line() -> None:
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
     assert cfg.calibrl.loss_mode == "grpo" and cfg.actor_rollout_ref.rollout.n == 10
+
+
+@pytest.mark.parametrize(("recipe", "base"), [("calibrl_qwen3vl_8b", "calibrl_qwen2_5vl_7b"),
+                                              ("calibrl_qwen3vl_4b", "calibrl_qwen2_5vl_3b")])
+def test_qwen3vl_recipe_is_the_qwen2_5vl_one_but_for_the_model(recipe: str, base: str) -> None:
+    """Only the model's keys differ: the path, the static micro batches, and the dataset's image patch size
+    (verl's data config defaults to Qwen2.5-VL's 14; Qwen3-VL's patches are 16 px)."""
+    unresolved = OmegaConf.to_container  # keys that interpolate the model path or the name follow them
+    diff = differences(unresolved(compose_recipe(base, [])), unresolved(compose_recipe(recipe, [])))
+    assert [d.split(":")[0] for d in diff] == [
+        ".actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", ".actor_rollout_ref.model.path",
+        ".actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", ".data.image_patch_size",
+        ".trainer.experiment_name"]  # fmt: skip
+    assert f".actor_rollout_ref.model.path: {ALL_RECIPES[base][3]!r} != {ALL_RECIPES[recipe][3]!r}" in diff
+    assert ".data.image_patch_size: 14 != 16" in diff
 
 
 def readme_new_recipe() -> tuple[str, str]:
@@ -177,7 +207,7 @@ def test_a_new_recipe_is_one_yaml_file(tmp_path: Path) -> None:
 
 
 # -- the run scripts (bash) -----------------------------------------------------------------------------------
-RUN_SCRIPTS = sorted(f"run_{recipe}.sh" for recipe in EXPECTED)
+RUN_SCRIPTS = sorted(f"run_{recipe}.sh" for recipe in [*ALL_RECIPES, *TEXT_RECIPES])
 
 
 @pytest.fixture
@@ -284,3 +314,76 @@ def test_help_lists_the_environment() -> None:
     for text in ("GRPO baseline", "recipes/grpo_qwen2_5vl_7b.yaml", "TRAIN_FILES", "DRY_RUN", "ray start --head"):
         assert text in result.stdout, text
     assert "set -euo pipefail" not in result.stdout  # the header only
+
+
+# -- text-only reasoning recipes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", sorted(TEXT_RECIPES))
+def test_text_recipe_defaults_list_adds_text_between_paper_and_model(recipe: str) -> None:
+    doc = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
+    assert doc["defaults"] == ["ppo_trainer", "calibrl_base", "paper", "text", {"models": "qwen2_5_math_7b"},
+                               {"methods": TEXT_RECIPES[recipe][0]}, "_self_"]  # fmt: skip
+    assert set(doc) == {"hydra", "defaults", "trainer"} and doc["trainer"] == {"experiment_name": recipe}
+
+
+@pytest.mark.parametrize("recipe", sorted(TEXT_RECIPES))
+def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> None:
+    """Everything but data, lengths, model and the overlong-expert rule is the paper's: same budget as the VL run."""
+    method = TEXT_RECIPES[recipe][0]
+    vl, text = compose_recipe(f"{method}_qwen2_5vl_7b", []), compose_recipe(recipe, [])
+    unresolved = OmegaConf.to_container  # keys interpolated from these (rollout.prompt_length, ...) follow them
+    assert differences(unresolved(vl), unresolved(text)) == [
+        ".actor_rollout_ref.model.path: 'Qwen/Qwen2.5-VL-7B-Instruct' != 'Qwen/Qwen2.5-Math-7B'",
+        ".actor_rollout_ref.rollout.tensor_model_parallel_size: 2 != 1",
+        ".calibrl.expert_overlong: 'truncate' != 'drop'",
+        ".data.max_prompt_length: 20480 != 1024",
+        ".data.max_response_length: 4096 != 3072",
+        ".data.train_files: ['data/virl39k/train.parquet'] != ['data/openr1_math/train.parquet']",
+        ".data.val_files: ['data/geometry3k/test.parquet', 'data/geoqa/test.parquet'] != ['data/math500/test.parquet']",
+        f".trainer.experiment_name: '{method}_qwen2_5vl_7b' != '{recipe}'",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(TEXT_RECIPES))
+def test_text_recipe_passes_verl_validation(recipe: str) -> None:
+    """main_calibrl's start-up checks and verl's validation; lengths fit the model's 4096-token context."""
+    from verl.utils.config import validate_config
+
+    method, n = TEXT_RECIPES[recipe]
+    cfg = compose_recipe(recipe, [])
+    check_batch_split(cfg, prepare_config(cfg))
+    validate_config(config=cfg, use_reference_policy=False, use_critic=False)
+    assert cfg.calibrl.loss_mode == method and cfg.actor_rollout_ref.rollout.n == n
+    assert cfg.algorithm.adv_estimator == ("grpo" if method == "grpo" else "calibrl")
+    assert cfg.data.max_prompt_length + cfg.data.max_response_length == 4096
+    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    assert actor.ppo_max_token_len_per_gpu >= cfg.data.max_prompt_length + cfg.data.max_response_length
+    for rows in (10, 11):  # static micro batches divide the per-GPU mini-batch for n = 10 and 11
+        per_gpu = actor.ppo_mini_batch_size * rows // cfg.trainer.n_gpus_per_node
+        assert per_gpu % actor.ppo_micro_batch_size_per_gpu == 0
+        assert per_gpu % rollout.log_prob_micro_batch_size_per_gpu == 0
+
+
+def _printed_data_files(result: subprocess.CompletedProcess) -> tuple[str, str]:
+    command = printed_command(result.stderr)
+    train = next(arg for arg in command if arg.startswith("data.train_files="))
+    return train, next(arg for arg in command if arg.startswith("data.val_files="))
+
+
+def test_text_run_script_defaults_to_the_text_data(env: dict[str, str]) -> None:
+    """Without TRAIN_FILES / VAL_FILES a text recipe gets recipes/text.yaml's files under <repo>/, a VL recipe its
+    usual ViRL39K / Geometry3K + GeoQA defaults; TRAIN_FILES still wins for a text recipe."""
+    bare = {k: v for k, v in env.items() if k not in ("TRAIN_FILES", "VAL_FILES")}
+    result = run_script("run_calibrl_qwen2_5_math_7b.sh", bare, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _printed_data_files(result) == (f"data.train_files=[{REPO}/data/openr1_math/train.parquet]",
+                                           f"data.val_files=[{REPO}/data/math500/test.parquet]")  # fmt: skip
+    result = run_script("run_grpo_qwen2_5vl_7b.sh", bare, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _printed_data_files(result) == (
+        f"data.train_files=[{REPO}/data/virl39k/train.parquet]",
+        f"data.val_files=[{REPO}/data/geometry3k/test.parquet,{REPO}/data/geoqa/test.parquet]")  # fmt: skip
+    result = run_script("run_luffy_qwen2_5_math_7b.sh", env, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _printed_data_files(result)[0] == f"data.train_files=[{env['TRAIN_FILES']}]"
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["actor_rollout_ref"]["model"]["path"] == "Qwen/Qwen2.5-Math-7B"

@@ -51,7 +51,7 @@ def _assert_checks(metrics, steps, loss_mode):
     assert not failed, failed
 
 
-def test_fast_toy_study_runs_logs_plots_and_tabulates(out: Path) -> None:
+def test_fast_toy_study_runs_logs_plots_and_tabulates(out: Path, capfd: pytest.CaptureFixture) -> None:
     """The study's fast preset (GRPO and CalibRL, 2 steps, 1 seed) through the grid, then the report."""
     cfg = grid.PRESETS["fast"]
     records = grid.run_grid(out / "study", cfg)
@@ -72,7 +72,12 @@ def test_fast_toy_study_runs_logs_plots_and_tabulates(out: Path) -> None:
         assert 0.0 <= summary[method]["acc_end"][0] <= 1.0 and math.isfinite(summary[method]["entropy_end"][0])
     # a second invocation finds the grid finished and launches nothing
     before = (runs / "grpo" / "seed0" / "attempts.json").read_text()
+    capfd.readouterr()
     assert grid.run_grid(out / "study", cfg) == records
+    # progress in a log (stderr is no terminal here): one plain line per finished run, failures counted
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[study] ")]
+    assert [line.split(" run")[0] for line in lines] == ["[study] 1/2", "[study] 2/2"]
+    assert all(line.endswith("failed=0") for line in lines)
     assert (runs / "grpo" / "seed0" / "attempts.json").read_text() == before
 
 

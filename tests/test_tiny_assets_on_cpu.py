@@ -31,7 +31,7 @@ from calibrl_verl.tiny.models import (
     build_tokenizer,
     build_vl_model,
 )
-from calibrl_verl.tiny.task import DATA_SOURCE, INSTRUCTION, make_items, tokenizer_corpus
+from calibrl_verl.tiny.task import DATA_SOURCE, INSTRUCTION, chat_messages, make_items, tokenizer_corpus
 from calibrl_verl.tiny.warmstart import (
     encode_example,
     generate_ids,
@@ -272,3 +272,162 @@ def test_text_model_shares_tokenizer(tiny_root: Path, loaded: tuple[Any, Any]) -
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert not set(out[0, ids.shape[1] :].tolist()) & set(tok.convert_tokens_to_ids(VISION_TOKENS))
+
+
+# -- the tiny Qwen3-VL (python -m calibrl_verl.tiny.build --family qwen3_vl) ------------------------------------
+QWEN3_VL_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question} {instruction}<|im_end|>\n"
+                   "<|im_start|>assistant\n")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One full Qwen3-VL build (warm-start and accuracy probe included, about 20 s)."""
+    root = tmp_path_factory.mktemp("tiny_qwen3_vl")
+    build(root, n_train=N_TRAIN, n_val=N_VAL, seed=SEED, eval_samples=32, family="qwen3_vl")
+    return root
+
+
+def test_qwen3_vl_build_types_shape_and_warm_start(qwen3_root: Path, loaded: tuple[Any, Any]) -> None:
+    """A real Qwen3-VL: 16-px patches, interleaved M-RoPE, DeepStack; head_dim 32 for vLLM's CPU attention; the
+    Qwen2.5-VL tiny's tokenizer; a warm-start that is right sometimes but not always (reward variance)."""
+    from calibrl_verl.tiny import qwen3_vl
+
+    info = json.loads((qwen3_root / "build_info.json").read_text())
+    model, processor = load_vl(qwen3_root)
+    assert info["family"] == "qwen3_vl" and 100_000 < info["vl_params"] < 1_000_000
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration" and type(processor).__name__ == "Qwen3VLProcessor"
+    assert processor.image_processor.patch_size == processor.video_processor.patch_size == 16
+    text, vision = model.config.text_config, model.config.vision_config
+    assert text.head_dim == 32 and text.rope_parameters["mrope_interleaved"] is True
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+    assert vision.patch_size == 16 and 0 < len(vision.deepstack_visual_indexes) <= text.num_hidden_layers
+    assert all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes)
+    assert len(model.model.visual.deepstack_merger_list) == len(qwen3_vl.DEEPSTACK_VISUAL_INDEXES)
+    assert processor.tokenizer.get_vocab() == loaded[1].tokenizer.get_vocab()  # shared with the Qwen2.5-VL tiny
+    assert set(model.generation_config.suppress_tokens) == set(processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    assert info["warmstart"]["loss_last"] < info["warmstart"]["loss_first"] / 10
+    assert 0.0 < info["accuracy"]["sampled_t1"] < 1.0, info["accuracy"]
+
+
+def test_qwen3_vl_prompt_images_and_forward(qwen3_root: Path) -> None:
+    """The chat template renders the image as Qwen3-VL's does (in place, no default system turn); 16-px patches
+    turn the task's 56 / 112 px images into 64 / 128 px (4 / 16 image tokens); the forward (DeepStack) is finite."""
+    model, processor = load_vl(qwen3_root)
+    item = make_items(1, SEED, "val")[0]
+    text = processor.apply_chat_template(chat_messages(item), add_generation_prompt=True, tokenize=False)
+    assert text == QWEN3_VL_PROMPT.format(question=item.question, instruction=INSTRUCTION)
+    items = make_items(8, SEED, "val")
+    inputs = prompt_inputs(processor, items)
+    per_image = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    assert set(per_image) == {4, 16}
+    assert [it.image.size[0] for it in items] == [{4: 56, 16: 112}[n] for n in per_image]
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist() == per_image
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(out.logits).all()
+
+
+def test_qwen3_vl_verl_dataset_and_agent_loop_prompt(qwen3_root: Path) -> None:
+    """verl binds Qwen3-VL's M-RoPE index to the processor; its agent loop builds the prompt the warm-start
+    trained on; its dataset keeps every row when it measures prompts with Qwen3-VL's patch size."""
+    from verl.utils import hf_processor
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+    from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
+
+    processor = hf_processor(str(model_dir(qwen3_root)))
+    assert type(processor).__name__ == "Qwen3VLProcessor" and hasattr(processor, "get_rope_index")
+    dataset = _rlhf_dataset(train_files(qwen3_root), processor)
+    assert len(dataset) == N_TRAIN
+    messages = dataset[0]["raw_prompt"]
+    images, _, _ = RLHFDataset._process_multi_modal_info(messages, processor.image_processor.patch_size, None)
+    builder = create_continuous_token_builder(processor.tokenizer, hf_model_type="qwen3_vl", processor=processor)
+    mm_inputs: dict[str, Any] = {}
+    prompt_ids = builder.build_initial_tokens(messages, images=images, mm_inputs_out=mm_inputs)
+    ours = encode_example(processor, make_items(1, SEED, "train")[0])
+    assert ours.input_ids[: len(prompt_ids)].tolist() == prompt_ids
+    assert torch.equal(ours.pixel_values, mm_inputs["pixel_values"])
+    ids = torch.tensor([prompt_ids])
+    types = (ids == processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)).long()
+    positions, _ = processor.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=mm_inputs["image_grid_thw"])
+    image = types[0].bool()
+    assert positions.shape == (3, 1, len(prompt_ids))
+    assert positions[1, 0, image].unique().numel() > 1 and positions[2, 0, image].unique().numel() > 1  # h, w grid
+    assert torch.equal(positions[0, 0, ~image], positions[1, 0, ~image])  # text: the same position on all three
+
+
+# -- the tiny text task and model (python -m calibrl_verl.tiny.build --family text) ----------------------------
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A default text build through the CLI (warm-start included, the accuracy probe on 64 val items): ~10 s."""
+    root = tmp_path_factory.mktemp("tiny_text")
+    main(["--family", "text", "--out", str(root), "--n-train", str(N_TRAIN), "--n-val", str(N_VAL)])
+    return root
+
+
+def test_text_build_writes_a_text_model_and_text_rows(text_root: Path) -> None:
+    from calibrl_verl.tiny import text_model_dir
+    from calibrl_verl.tiny.text_task import DEFAULT_WARMSTART_STEPS
+
+    info = json.loads((text_root / "build_info.json").read_text())
+    assert info["family"] == "text" and info["warmstart"]["steps"] == DEFAULT_WARMSTART_STEPS
+    assert not model_dir(text_root).exists()  # no VL model in a text build
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (text_model_dir(text_root) / name).is_file(), name
+    table = pq.read_table(train_files(text_root))
+    assert table.num_rows == N_TRAIN and pq.read_table(val_files(text_root)).num_rows == N_VAL
+    assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info", "solution"]
+    for row in table.to_pylist():  # the expert solution is right by our reward; another answer is wrong
+        truth = row["reward_model"]["ground_truth"]
+        assert compute_score(row["data_source"], row["solution"], truth) == {"score": 1.1, "acc": 1.0, "format": 1.0}
+        bad = row["solution"].replace(f"<answer>{truth}</answer>", f"<answer>{int(truth) + 1}</answer>")
+        assert compute_score(row["data_source"], bad, truth)["acc"] == 0.0
+        assert "<image>" not in row["prompt"][0]["content"]
+
+
+def test_text_rows_load_in_verl_without_a_processor(text_root: Path) -> None:
+    """verl's tokenizer/processor loading, dataset and agent-loop prompt builder on the text model: no processor,
+    no images, and the warm-start encodes exactly the prompt tokens verl builds. Digits are single tokens: transformers
+    reloads the tokenizer as Qwen2Tokenizer, whose pre-tokenizer splits them (text_task.reload_tokenizer)."""
+    from verl.utils import hf_processor, hf_tokenizer
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+    from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
+
+    from calibrl_verl.tiny import text_model_dir
+    from calibrl_verl.tiny.text_task import make_items as make_text_items
+
+    path = str(text_model_dir(text_root))
+    tokenizer = hf_tokenizer(path)
+    assert hf_processor(path) is None
+    config = OmegaConf.create({"prompt_key": "prompt", "image_key": None, "max_prompt_length": 256,
+                               "filter_overlong_prompts": True, "filter_overlong_prompts_workers": None,
+                               "truncation": "error", "return_raw_chat": True})  # fmt: skip
+    dataset = RLHFDataset(data_files=[str(train_files(text_root))], tokenizer=tokenizer, config=config, processor=None)
+    assert len(dataset) == N_TRAIN
+    item = dataset[0]
+    assert "multi_modal_data" not in item and isinstance(item["raw_prompt"][0]["content"], str)
+    builder = create_continuous_token_builder(tokenizer, hf_model_type="qwen2", processor=None)
+    prompt_ids = builder.build_initial_tokens(item["raw_prompt"])
+    ours = encode_example(tokenizer, make_text_items(1, SEED, "train")[0])
+    assert ours.input_ids[: len(prompt_ids)].tolist() == prompt_ids and ours.pixel_values is None
+    pieces = [tokenizer.decode([t]) for t in prompt_ids]  # " 7" is two tokens here, one in the BPE as trained
+    assert "7" in pieces and not any(p.strip().isdigit() and p != p.strip() for p in pieces)
+
+
+def test_text_model_as_verl_loads_it_is_sometimes_right(text_root: Path) -> None:
+    """Reloaded through the Auto classes (as verl loads it), the warm-started model answers some but not all val
+    items by our reward, greedy and sampled: rewards vary at RL step 1. The build's own probe agrees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibrl_verl.tiny import text_model_dir
+    from calibrl_verl.tiny.text_task import accuracy
+    from calibrl_verl.tiny.text_task import make_items as make_text_items
+
+    model = AutoModelForCausalLM.from_pretrained(text_model_dir(text_root)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(text_model_dir(text_root))
+    probe = make_text_items(64, SEED, "val")
+    with torch_threads(1):
+        greedy = accuracy(model, tokenizer, probe, temperature=0.0, seed=SEED)
+        sampled = accuracy(model, tokenizer, probe, temperature=1.0, seed=SEED)
+    assert 0.2 < greedy < 0.95 and 0.1 < sampled < 0.9, (greedy, sampled)
+    info = json.loads((text_root / "build_info.json").read_text())["accuracy"]
+    assert info["greedy"] == greedy and info["eval_items"] == 64

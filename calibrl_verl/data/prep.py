@@ -5,14 +5,16 @@ dataset name) into verl's RL parquet, one row per prompt (SPEC section 6)::
 
     data_source   str
     prompt        [{"role": "user", "content": "<image>" * n_images + question + "\\n" + INSTRUCTION}]
-    images        [{"bytes": PNG bytes}, ...]        (decoded by verl's RLHFDataset / qwen-vl-utils)
+    images        [{"bytes": PNG bytes}, ...]        (decoded by verl's RLHFDataset / qwen-vl-utils; [] for text)
     ability       "math"
     reward_model  {"style": "rule", "ground_truth": str}
     extra_info    {"split", "index", "id", "question", "answer"}
     solution      expert CoT in "<think>..</think><answer>..</answer>" form, "" when there is none
 
 Input files are read with json / pyarrow only (never pickle or eval). Image paths are resolved inside
-``--image-dir`` and must not escape it.
+``--image-dir`` and must not escape it. Text-only sources (``text_prep``: OpenR1-Math, MATH-500, AIME, ...) use the
+same code with no image column. While converting, stderr shows rows read and kept / dropped counts
+(``calibrl_verl.progress``: a tqdm bar on a terminal, periodic lines in logs); the summary goes to stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from calibrl_verl.progress import progress
 from calibrl_verl.reward import (
     compute_score,
     extract_answer,
@@ -79,7 +82,8 @@ OUTPUT_SCHEMA = pa.schema(
 _IMAGE_TAG_RE = re.compile(r"<image\s*\d*>")
 _THINK_ANSWER_TAG_RE = re.compile(r"</?(?:think|answer)>")
 _ANSWER_BLOCK_RE = re.compile(r"<answer>.*?</answer>", re.DOTALL)
-_FINAL_LINE_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=|：)\s*(.+)$", re.IGNORECASE)
+_FINAL_LINE_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is\s*:?|:|=|：)\s*(.+)$", re.IGNORECASE)
+_INTEGRAL_FLOAT_RE = re.compile(r"[-+]?\d+\.0+")
 _INLINE_OPTION_RE = re.compile(r"(?:^|[;\n]\s*)([A-Z])\s*[.:：)]\s*")
 
 
@@ -152,6 +156,7 @@ class Source:
     columns: list[str]
     rows: Iterable[dict]
     base_dir: Path
+    total: int | None = None  # row count when known cheaply (parquet metadata, jsonl lines, hub length)
 
 
 def open_source(spec: str, split: str | None, subset: str | None = None) -> Source:
@@ -187,7 +192,22 @@ def _open_files(files: list[Path], name: str, base_dir: Path) -> Source:
         for file in files:
             yield from _read_file(file)
 
-    return Source(name=name, columns=columns, rows=rows(), base_dir=base_dir)
+    return Source(name=name, columns=columns, rows=rows(), base_dir=base_dir, total=_count_rows(files))
+
+
+def _count_rows(files: list[Path]) -> int | None:
+    """Rows of parquet (metadata) and jsonl (non-blank lines) files; None when a json file is among them."""
+    total = 0
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            total += pq.ParquetFile(path).metadata.num_rows
+        elif suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                total += sum(1 for line in handle if line.strip())
+        else:
+            return None
+    return total
 
 
 def _file_columns(path: Path) -> list[str]:
@@ -266,7 +286,8 @@ def _open_hub(name: str, split: str | None, subset: str | None) -> Source:
         ) from exc
     if not hasattr(dataset, "column_names") or isinstance(dataset.column_names, dict):
         raise PrepError(f"{name}: pass --split (available: {list(dataset.keys())})")
-    return Source(name=name, columns=list(dataset.column_names), rows=iter(dataset), base_dir=Path.cwd())
+    columns = list(dataset.column_names)
+    return Source(name=name, columns=columns, rows=iter(dataset), base_dir=Path.cwd(), total=len(dataset))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,9 +418,14 @@ def format_choices(choices: Sequence[str]) -> str:
 
 
 def clean_ground_truth(value: Any) -> str:
-    """Ground truth as a string: ``<answer>`` / ``\\boxed{}`` / ``$..$`` wrappers removed."""
+    """Ground truth as a string: ``<answer>`` / ``\\boxed{}`` / ``$..$`` wrappers removed, ``27.0`` -> ``27``.
+
+    A list (e.g. OlympiadBench's ``final_answer``) becomes its cleaned items joined by ``", "``.
+    """
     if value is None:
         return ""
+    if isinstance(value, list | tuple):
+        return ", ".join(text for text in (clean_ground_truth(item) for item in value) if text)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
@@ -411,6 +437,8 @@ def clean_ground_truth(value: Any) -> str:
         text = boxed if boxed != "None" else text
     if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
         text = text.strip("$").strip()
+    if _INTEGRAL_FLOAT_RE.fullmatch(text):  # AMC's answers are stored as floats ("27.0"), also in text files
+        text = text.split(".")[0]
     return text
 
 
@@ -503,6 +531,10 @@ def prepare_expert(cot: str | None) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# (record, ground truth, stats) -> (solution, status): picks a row's expert from its own columns
+RowExpert = Callable[[dict, str, Counter], tuple[str, str]]
+
+
 @dataclass
 class Options:
     """How to convert a source (everything but the column names)."""
@@ -517,21 +549,24 @@ class Options:
     require_expert: bool = False
     categories: tuple[str, ...] = ()
     stats: Counter = field(default_factory=Counter)
+    row_expert: RowExpert | None = None  # expert taken from the row itself (R1 traces), instead of ``experts``
 
 
 def convert_rows(source: Source, columns: Columns, options: Options) -> Iterator[dict]:
-    """Yield output rows (SPEC section 6); counts go to ``options.stats``."""
+    """Yield output rows (SPEC section 6); counts go to ``options.stats``, progress to stderr."""
     stats, written, seen_ids = options.stats, 0, set()
-    for position, record in enumerate(source.rows):
-        if options.limit is not None and written >= options.limit:
-            break
-        stats["rows_read"] += 1
-        row = _convert_one(record, position, columns, options, written)
-        if row is None:
-            continue
-        seen_ids.add(row["extra_info"]["id"])
-        written += 1
-        yield row
+    with progress(source.rows, total=source.total, desc=f"prep {options.data_source}", unit="rows") as bar:
+        for position, record in enumerate(bar):
+            if options.limit is not None and written >= options.limit:
+                break
+            stats["rows_read"] += 1
+            row = _convert_one(record, position, columns, options, written)
+            if row is not None:
+                seen_ids.add(row["extra_info"]["id"])
+                written += 1
+            bar.set_postfix(kept=written, dropped=stats["rows_read"] - written)
+            if row is not None:
+                yield row
     if options.experts is not None:
         stats["expert_ids_not_in_data"] = len(set(options.experts) - seen_ids)
 
@@ -546,7 +581,7 @@ def _convert_one(record: dict, position: int, columns: Columns, options: Options
     if not ground_truth:
         stats["skipped_no_answer"] += 1
         return None
-    solution, status = _expert_solution(row_id, options)
+    solution, status = _expert_solution(record, row_id, ground_truth, options)
     if not solution and options.require_expert:
         stats["skipped_no_expert"] += 1
         return None
@@ -598,8 +633,10 @@ def _question_and_truth(record: dict, columns: Columns, row_id: str, stats: Coun
     return f"{question}\n{format_choices(choices)}", letter or answer
 
 
-def _expert_solution(row_id: str, options: Options) -> tuple[str, str | None]:
-    """``(solution, status)``: "" and None status when no expert file was given."""
+def _expert_solution(record: dict, row_id: str, truth: str, options: Options) -> tuple[str, str | None]:
+    """``(solution, status)``: from the row (``row_expert``) or the expert file; "" and None without either."""
+    if options.row_expert is not None:
+        return options.row_expert(record, truth, options.stats)
     if options.experts is None:
         return "", None
     return prepare_expert(options.experts.get(row_id))
@@ -705,12 +742,23 @@ def resolve_columns(args: argparse.Namespace, preset: Preset, source: Source, ca
     )
 
 
-def run(args: argparse.Namespace, preset: Preset, **option_overrides: Any) -> dict:
-    """Convert ``args.input`` to ``args.output``; prints and returns the summary counts."""
+def run(
+    args: argparse.Namespace,
+    preset: Preset,
+    row_expert: Callable[[Source], RowExpert] | None = None,
+    **option_overrides: Any,
+) -> dict:
+    """Convert ``args.input`` to ``args.output``; prints and returns the summary counts.
+
+    ``row_expert`` builds, from the opened source (so it can check its columns first), the function that takes
+    each row's expert from the row itself.
+    """
     split = args.split or preset.split
     source = open_source(args.input, split, args.subset)
     category_column = option_overrides.pop("category_column", None)
     columns = resolve_columns(args, preset, source, category_column)
+    if row_expert is not None:
+        option_overrides["row_expert"] = row_expert(source)
     options = Options(
         data_source=args.data_source or preset.data_source,
         split=split,

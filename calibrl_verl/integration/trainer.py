@@ -19,6 +19,10 @@ stages overridden, each calling verl's own implementation for the work verl alre
 5. ``_update_actor``: the update sees only on-policy rows (``calibrl``); LUFFY / RL-PLUS train on the expert
    rows too. The loss is installed once with ``set_loss_fn`` (``actor_loss.calibrl_actor_loss``).
 6. ``_compute_metrics``: verl's metrics over on-policy rows, plus the ``calibrl/*`` metrics.
+
+TransferQueue traffic is what a GRPO step makes: expert rows are known from their keys (no read), and stages 3
+and 4 add their reads and writes to verl's own get and put of that stage (``stage_io``), so CalibRL adds no
+TransferQueue call to a step (``benchmarks/bench_step.py`` measures the step against GRPO's).
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.integration import actor_loss, step_dump
 from calibrl_verl.integration.registry import ADV_EXTRAS
+from calibrl_verl.integration.stage_io import stage_io
 from calibrl_verl.integration.step_fields import (
-    StepFields,
     StepRows,
     compute_step_fields,
     fault_metrics,
@@ -76,6 +80,8 @@ class CalibRLTrainer(PPOTrainerSync):
         self._balance_target: tuple[int, int] | None = None
         self._fixed_multiple: int | None = None
         self._prompt_position: dict[str, int] = {}
+        self._expert_uids: set[str] = set()  # prompts whose expert joins the group this step
+        self._step_extra: dict[str, dict] = {}  # key -> extra_fields, kept by the advantage stage for the metrics
 
     # -- set-up -------------------------------------------------------------------------------------------
     @property
@@ -104,10 +110,13 @@ class CalibRLTrainer(PPOTrainerSync):
     # -- 1. which groups get their expert -------------------------------------------------------------------
     def _next_train_batch(self, num_prompts: int | None = None) -> TensorDict:
         batch = super()._next_train_batch(num_prompts)
-        self._prompt_position = {str(uid): i for i, uid in enumerate(_as_list(batch["uid"]))}
+        uids = [str(uid) for uid in _as_list(batch["uid"])]
+        self._prompt_position = {uid: i for i, uid in enumerate(uids)}
+        self._expert_uids = set()
         if self.calibrl.n_expert == 0:
             return batch
         inject = self._expert_injection(batch)
+        self._expert_uids = {uid for uid, on in zip(uids, inject.tolist(), strict=True) if on}
         k = self.calibrl.n_expert
         batch["__rollout_n__"] = torch.where(inject, self.n_onpolicy + k, self.n_onpolicy).long()
         batch["calibrl_expert"] = inject
@@ -175,20 +184,34 @@ class CalibRLTrainer(PPOTrainerSync):
 
     # -- 3. old log-probs: expert baseline, on-policy entropy ---------------------------------------------------
     def _compute_old_log_prob(self, batch, metrics):
-        batch = super()._compute_old_log_prob(batch, metrics)
         if self.calibrl.n_expert == 0:
-            return batch
+            return super()._compute_old_log_prob(batch, metrics)
         calc = bool(self.config.actor_rollout_ref.rollout.calculate_log_probs)
-        fields = ["old_log_probs", "entropy", "response_mask"] + (["rollout_log_probs", "responses"] if calc else [])
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         expert = torch.tensor(self._expert_flags(batch))
         onpolicy = ~expert & ~torch.tensor(self._padding_flags(batch))
-        padded = data.to_padded_tensor()
-        if calc:  # experts have placeholder rollout log-probs: make them "on-policy" so no metric or weight sees 0s
-            fixed = torch.where(expert.unsqueeze(-1), padded["old_log_probs"], padded["rollout_log_probs"])
-            batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(
-                {"rollout_log_probs": response_to_nested(fixed, data["response_mask"])}, batch_size=len(batch)))
-        self._onpolicy_old_log_prob_metrics(padded, onpolicy, metrics, calc)
+        stage: dict[str, TensorDict] = {}
+
+        def with_expert_rollout_log_probs(put: TensorDict) -> TensorDict:
+            """verl's put of old log-probs and entropy, plus (when the rollout logs them) the experts' placeholder
+            rollout log-probs replaced by their old log-probs, so no metric or IS weight ever sees the 0s."""
+            got = io.got
+            names = ["response_mask"] + (["responses", "rollout_log_probs"] if calc else [])
+            padded = TensorDict({**{k: got[k] for k in names}, "old_log_probs": put["old_log_probs"],
+                                 "entropy": put["entropy"]}, batch_size=len(expert)).to_padded_tensor()
+            if calc:
+                fixed = torch.where(expert.unsqueeze(-1), padded["old_log_probs"], padded["rollout_log_probs"])
+                padded["rollout_log_probs"] = fixed
+                put["rollout_log_probs"] = response_to_nested(fixed, got["response_mask"])
+            stage["padded"] = padded
+            return put
+
+        # verl's stage gets, computes and puts once; the experts' fix rides on its put (stage_io)
+        with stage_io(batch.keys, batch.partition_id, on_put=with_expert_rollout_log_probs) as io:
+            batch = super()._compute_old_log_prob(batch, metrics)
+        if "padded" not in stage:
+            raise RuntimeError("verl's _compute_old_log_prob wrote no old log-probs through TransferQueue: "
+                               "calibrl_verl.integration.stage_io does not match this verl version")
+        self._onpolicy_old_log_prob_metrics(stage["padded"], onpolicy, metrics, calc)
         return batch
 
     def _onpolicy_old_log_prob_metrics(self, padded: TensorDict, onpolicy: torch.Tensor, metrics: dict,
@@ -206,72 +229,104 @@ class CalibRLTrainer(PPOTrainerSync):
 
     # -- 4. advantages, correctness, expert alignment ---------------------------------------------------------
     def _compute_advantage(self, batch, metrics):
-        if self.calibrl.n_expert == 0:
-            batch = super()._compute_advantage(batch, metrics)
-            if self.calibrl.dump_dir:
-                rows, _ = self._step_rows(batch)
-                correct = core_algos.correctness_sign(rows.scores, rows.acc, self.calibrl.pass_threshold)
-                self._dump_step(batch, rows, correct, torch.zeros_like(correct), torch.zeros(len(correct)))
-            return batch
-        keys, partition_id = list(batch.keys), batch.partition_id
-        rows, response_mask = self._step_rows(batch)
-        fields = compute_step_fields(self.calibrl, rows)
-        metrics.update(fields.metrics)
-        excluded = rows.is_expert | rows.is_padding
-        offpolicy = self.calibrl.loss_mode in ("luffy", "rlplus")
-        token = ADV_EXTRAS.set({"is_expert": excluded, "norm_adv_by_std": self.calibrl.norm_adv_by_std,
-                                "expert_rows": fields.active_expert if offpolicy else None,
-                                "is_padding": rows.is_padding})
-        try:  # verl's own pipeline (KL-in-reward, rollout correction) calls the registered `calibrl` estimator
-            batch = super()._compute_advantage(batch, metrics)
-        finally:
-            ADV_EXTRAS.reset(token)
-        fields_out = {}
-        if offpolicy:  # inactive expert rows would otherwise still count in the update (see update_response_mask)
-            mask = update_response_mask(rows, fields.active_expert)
-            metrics["calibrl/inactive_expert_rows"] = float((rows.response_mask.any(-1) & ~mask.any(-1)).sum())
-            fields_out["response_mask"] = response_to_nested(mask.to(response_mask.dtype), response_mask)
-        out = TensorDict({
-            **fields_out,
-            actor_loss.EXPERT_LOG_PROB: response_to_nested(fields.expert_log_prob, response_mask),
-            actor_loss.EXPERT_MASK: response_to_nested(fields.expert_mask.float(), response_mask),
-            actor_loss.EXPERT_BASELINE: fields.expert_baseline.float(),
-            actor_loss.CORRECT: fields.correct.float(),
-            actor_loss.IS_EXPERT: fields.active_expert.float(),
-        }, batch_size=len(keys))
-        batch = tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=out)
+        if self.calibrl.n_expert == 0 and not self.calibrl.dump_dir:
+            return super()._compute_advantage(batch, metrics)
+        stage: dict[str, Any] = {"metrics": metrics}
+        extra_get = ["extra_fields"] + (["responses"] if self.calibrl.dump_dir else [])
+        # verl's stage gets and puts once: CalibRL's inputs ride on its get, its outputs on its put (stage_io)
+        with stage_io(batch.keys, batch.partition_id, extra_get, on_get=partial(self._advantage_inputs, batch, stage),
+                      on_put=partial(self._advantage_outputs, stage)) as io:
+            try:  # verl's own pipeline (KL-in-reward, rollout correction) calls the registered `calibrl` estimator
+                batch = super()._compute_advantage(batch, metrics)
+            finally:
+                if "token" in stage:
+                    ADV_EXTRAS.reset(stage["token"])
+        if io.put is None:
+            raise RuntimeError("verl's _compute_advantage wrote no advantages through TransferQueue: "
+                               "calibrl_verl.integration.stage_io does not match this verl version")
         if self.calibrl.dump_dir:
-            guided = rows.onpolicy & fields.expert_mask.any(-1) & (self.calibrl.loss_mode == "calibrl")
-            self._dump_step(batch, rows, fields, guided)
+            self._dump_step(stage, io.got, io.put)
         return batch
 
-    def _dump_step(self, batch, rows: StepRows, fields: StepFields, guided: torch.Tensor) -> None:
+    def _advantage_inputs(self, batch, stage: dict[str, Any], got: TensorDict) -> None:
+        """On verl's get: the step's rows, CalibRL's per-row fields and the estimator's extras (before it runs)."""
+        rows = self._step_rows(batch, got)
+        stage["rows"], stage["response_mask"] = rows, got["response_mask"]
+        if self.calibrl.n_expert == 0:  # GRPO with a dump: correctness only
+            stage["correct"] = core_algos.correctness_sign(rows.scores, rows.acc, self.calibrl.pass_threshold)
+            return
+        fields = compute_step_fields(self.calibrl, rows)
+        stage["metrics"].update(fields.metrics)
+        stage["fields"] = fields
+        excluded = rows.is_expert | rows.is_padding
+        token = ADV_EXTRAS.set({"is_expert": excluded, "norm_adv_by_std": self.calibrl.norm_adv_by_std,
+                                "expert_rows": fields.active_expert if self._offpolicy else None,
+                                "is_padding": rows.is_padding})
+        stage["token"] = token
+
+    def _advantage_outputs(self, stage: dict[str, Any], put: TensorDict) -> TensorDict:
+        """On verl's put of advantages: CalibRL's fields for the loss join it (one TransferQueue write)."""
+        if "fields" not in stage:
+            return put
+        rows, fields, response_mask = stage["rows"], stage["fields"], stage["response_mask"]
+        if self._offpolicy:  # inactive expert rows would otherwise still count in the update (update_response_mask)
+            mask = update_response_mask(rows, fields.active_expert)
+            stage["metrics"]["calibrl/inactive_expert_rows"] = float((rows.response_mask.any(-1) & ~mask.any(-1)).sum())
+            if "response_mask" in put.keys():  # verl's rollout correction rejected tokens or rows: keep that too
+                mask = mask * _padded(put["response_mask"], len(mask)).to(mask.dtype)
+            put["response_mask"] = response_to_nested(mask.to(response_mask.dtype), response_mask)
+        put[actor_loss.EXPERT_LOG_PROB] = response_to_nested(fields.expert_log_prob, response_mask)
+        put[actor_loss.EXPERT_MASK] = response_to_nested(fields.expert_mask.float(), response_mask)
+        put[actor_loss.EXPERT_BASELINE] = fields.expert_baseline.float()
+        put[actor_loss.CORRECT] = fields.correct.float()
+        put[actor_loss.IS_EXPERT] = fields.active_expert.float()
+        return put
+
+    @property
+    def _offpolicy(self) -> bool:
+        return self.calibrl.loss_mode in ("luffy", "rlplus")
+
+    def _dump_step(self, stage: dict[str, Any], got: TensorDict, put: TensorDict) -> None:
         """``calibrl.dump_dir``: the step's rows with the advantages verl stored for the update (step_dump.py)."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                               select_fields=["advantages", "responses"])
-        padded = data.to_padded_tensor()
+        rows = stage["rows"]
+        padded = TensorDict({"advantages": put["advantages"], "responses": got["responses"]},
+                            batch_size=len(rows.uids)).to_padded_tensor()
+        if "fields" in stage:
+            fields = stage["fields"]
+            correct, baseline, active = fields.correct, fields.expert_baseline, fields.active_expert
+            guided = rows.onpolicy & fields.expert_mask.any(-1) & (self.calibrl.loss_mode == "calibrl")
+        else:
+            correct = stage["correct"]
+            baseline, active, guided = torch.zeros(len(correct)), torch.zeros_like(correct), torch.zeros_like(correct)
         table = step_dump.step_table(self.global_steps, rows.uids, rows.is_expert, rows.is_padding,
                                      padded["responses"], rows.response_mask, rows.old_log_probs, rows.scores,
-                                     rows.acc, fields.correct, padded["advantages"], guided,
-                                     fields.expert_baseline, fields.active_expert)
+                                     rows.acc, correct, padded["advantages"], guided, baseline, active)
         step_dump.write_step_dump(self.calibrl.dump_dir, self.global_steps, table)
 
-    def _step_rows(self, batch) -> tuple[StepRows, Any]:
-        """Read the step's rows from TransferQueue into the plain tensors ``compute_step_fields`` takes."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                               select_fields=["uid", "response_mask", "rm_scores", "old_log_probs", "extra_fields"])
+    def _step_rows(self, batch, data: TensorDict) -> StepRows:
+        """The step's rows (as verl's advantage stage read them) in the plain tensors ``compute_step_fields`` takes.
+
+        Also checks the expert flags the trainer derives from the keys against the ones the agent loop wrote, and
+        keeps ``extra_fields`` for ``_compute_metrics``.
+        """
         extra = _as_list(data["extra_fields"])
-        uids = np.array(_as_list(data["uid"]), dtype=object)
-        response_mask = data["response_mask"]
+        self._step_extra = dict(zip(batch.keys, extra, strict=True))
+        is_expert = self._expert_flags(batch)
+        written = [bool(e.get("is_expert", False)) and not p
+                   for e, p in zip(extra, self._padding_flags(batch), strict=True)]
+        if written != is_expert:
+            bad = [k for k, a, b in zip(batch.keys, is_expert, written, strict=True) if a != b][:5]
+            raise RuntimeError(f"expert rows disagree between the trainer's injection and the agent loop's "
+                               f"extra_fields.is_expert for keys {bad}: the agent loop must mark the last "
+                               f"calibrl.experts_per_group sessions of an injected group (agent_loop.py)")
         padded = data.select("response_mask", "rm_scores", "old_log_probs").to_padded_tensor()
-        rows = StepRows(
-            uids=uids, is_expert=torch.tensor(self._expert_flags(batch, extra)),
+        return StepRows(
+            uids=np.array(_as_list(data["uid"]), dtype=object), is_expert=torch.tensor(is_expert),
             is_padding=torch.tensor(self._padding_flags(batch)), scores=padded["rm_scores"].sum(-1).float(),
             acc=_reward_acc(extra), response_mask=padded["response_mask"].float(),
             old_log_probs=padded["old_log_probs"].float(),
             expert_truncated=torch.tensor([bool(e.get("expert_truncated", False)) for e in extra]),
         )
-        return rows, response_mask
 
     # -- 5. the update ---------------------------------------------------------------------------------------
     def _update_actor(self, batch, metrics):
@@ -310,28 +365,37 @@ class CalibRLTrainer(PPOTrainerSync):
 
     # -- 6. metrics -------------------------------------------------------------------------------------------
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
-        got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-        extra = _as_list(got["extra_fields"])  # read once: fault counts and the on-policy selection
+        extra = [self._step_extra.get(k) for k in batch.keys]
+        if any(e is None for e in extra):  # the advantage stage kept none (GRPO without a dump)
+            got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+            extra = _as_list(got["extra_fields"])
+        self._step_extra = {}
         metrics.update(fault_metrics(extra, self._padding_flags(batch), metrics.get("actor/grad_norm")))
         if self.calibrl.n_expert:
-            batch = batch.select_keys(self._onpolicy_keys(batch, keep_padding=True, extra=extra))
+            batch = batch.select_keys(self._onpolicy_keys(batch, keep_padding=True))
         return super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    def _expert_flags(self, batch, extra: list[dict] | None = None) -> list[bool]:
-        """Per key: an expert row (padding rows copy row 0's fields, so they never count as experts)."""
-        if extra is None:
-            got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-            extra = _as_list(got["extra_fields"])
-        padding = self._padding_flags(batch)
-        return [bool(e.get("is_expert", False)) and not p for e, p in zip(extra, padding, strict=True)]
+    def _expert_flags(self, batch) -> list[bool]:
+        """Per key: an expert row. Known from the key alone, with no TransferQueue read: the agent loop makes the
+        last ``experts_per_group`` sessions of each group the trainer injected (``_next_train_batch``) expert
+        sessions, and verl's keys are ``{uid}_{session}_{turn}``. Padding rows are never experts.
+        ``_step_rows`` checks these flags against the ``is_expert`` the agent loop wrote."""
+        flags = []
+        for key, pad in zip(batch.keys, self._padding_flags(batch), strict=True):
+            if pad or not self._expert_uids:
+                flags.append(False)
+                continue
+            uid, session, _ = key.rsplit("_", 2)
+            flags.append(uid in self._expert_uids and int(session) >= self.n_onpolicy)
+        return flags
 
     @staticmethod
     def _padding_flags(batch) -> list[bool]:
         return [bool(tag.get("is_padding", False)) for tag in batch.tags]
 
-    def _onpolicy_keys(self, batch, keep_padding: bool = False, extra: list[dict] | None = None) -> list[str]:
-        expert = self._expert_flags(batch, extra)
+    def _onpolicy_keys(self, batch, keep_padding: bool = False) -> list[str]:
+        expert = self._expert_flags(batch)
         padding = self._padding_flags(batch)
         return [k for k, e, p in zip(batch.keys, expert, padding, strict=True) if not e and (keep_padding or not p)]
 
@@ -351,6 +415,11 @@ def canonical_row_order(keys: list[str], prompt_position: dict[str, int]) -> lis
         return prompt_position.get(uid, len(prompt_position)), uid, int(session), int(turn)
 
     return sorted(range(len(keys)), key=sort_key)
+
+
+def _padded(nested: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (rows, T) zero-padded tensor from a per-row (nested) TransferQueue field."""
+    return TensorDict({"value": nested}, batch_size=rows).to_padded_tensor()["value"]
 
 
 def _as_list(value: Any) -> list:

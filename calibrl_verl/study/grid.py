@@ -25,12 +25,13 @@ import argparse
 import json
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from calibrl_verl import smoke, tiny
+from calibrl_verl.progress import progress
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,16 @@ def run_grid(out: Path, cfg: StudyConfig) -> list[dict[str, Any]]:
     prepare(out, cfg)
     jobs = [(METHODS[m], seed) for seed in cfg.seeds for m in cfg.methods]
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
-        records = list(pool.map(lambda job: run_one(out, job[0], job[1], cfg), jobs))
+    # runs take minutes: a progress line (or a bar on a terminal) after each one, with the failures so far
+    with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool, \
+            progress(total=len(jobs), desc="study", unit="run", every=1) as bar:
+        futures = [pool.submit(run_one, out, method, seed, cfg) for method, seed in jobs]
+        n_failed = 0
+        for future in as_completed(futures):
+            n_failed += "error" in future.result()
+            bar.set_postfix(failed=n_failed)
+            bar.update()
+        records = [future.result() for future in futures]
     failed = [r for r in records if "error" in r]
     print(f"[study] {len(records) - len(failed)}/{len(records)} runs done, {len(failed)} failed, "
           f"this invocation took {time.time() - t0:.0f} s", flush=True)

@@ -1,6 +1,8 @@
 """Tiny local assets for tests, the CPU demo and CI: a 200k-parameter Qwen2.5-VL and a synthetic image task.
 
-Build them with ``python -m calibrl_verl.tiny.build --out DIR`` (about 20-30 s on 2 CPU cores, no downloads).
+Build them with ``python -m calibrl_verl.tiny.build --out DIR`` (about 20-30 s on 2 CPU cores, no downloads);
+``--family text`` builds a text-only Qwen2 and a synthetic arithmetic task instead (``text_task``).
+``--family qwen3_vl`` builds a tiny Qwen3-VL instead of the Qwen2.5-VL (``qwen3_vl``); ``load_vl`` reloads either.
 Submodules import torch/transformers lazily through this package so ``import calibrl_verl.tiny`` stays cheap.
 """
 
@@ -9,12 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_vl", "model_dir", "train_files", "val_files"]
+__all__ = ["load_vl", "model_dir", "text_model_dir", "train_files", "val_files"]
 
 
 def model_dir(root: str | Path) -> Path:
     """The VL model + processor directory of a build (``actor_rollout_ref.model.path``)."""
     return Path(root) / "model"
+
+
+def text_model_dir(root: str | Path) -> Path:
+    """The text-only model + tokenizer directory of a build (``--family text``: warm-started on the text task)."""
+    return Path(root) / "text_model"
 
 
 def train_files(root: str | Path) -> Path:

@@ -1,6 +1,8 @@
 """CLI: build the tiny Qwen2.5-VL, its processor, the synthetic task parquet and an SFT warm-start, in seconds.
 
     python -m calibrl_verl.tiny.build --out DIR [--n-train N --n-val N --seed S --warmstart-steps K]
+                                      [--family qwen2_5_vl|qwen3_vl]   (the VL model in DIR/model)
+                                      [--family text]   (the text task instead: calibrl_verl.tiny.text_task)
 
 Writes DIR/model (VL model + processor), DIR/text_model (text-only Qwen2 + tokenizer), DIR/data/train.parquet,
 DIR/data/val.parquet and DIR/build_info.json (sizes, timings, warm-start loss and measured accuracy).
@@ -17,12 +19,16 @@ from typing import Any
 
 from calibrl_verl.tiny.models import build_processor, build_text_model, build_tokenizer, build_vl_model
 from calibrl_verl.tiny.task import make_items, tokenizer_corpus, write_parquet
-from calibrl_verl.tiny.warmstart import accuracy, torch_threads, warm_start
+from calibrl_verl.tiny.warmstart import torch_threads, warm_start_and_probe
 
 # 300 steps: with head_dim 32 (2 heads, for vLLM's CPU attention) 150 steps left greedy accuracy at 0.20; 300 give
 # 0.33 greedy / 0.34 sampled on seed 0 (0.55 on seed 1), ~13 s on one core
 DEFAULT_WARMSTART_STEPS = 300
 DEFAULT_WARMSTART_ITEMS = 256
+# the tiny VL models (calibrl_verl.tiny.models: Qwen2.5-VL, the default; calibrl_verl.tiny.qwen3_vl: Qwen3-VL)
+VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+# text: a text-only Qwen2 on a text-only task, no VL model (calibrl_verl.tiny.text_task.build_text)
+FAMILIES = (*VL_FAMILIES, "text")
 
 
 def build(
@@ -30,43 +36,47 @@ def build(
     n_train: int = 64,
     n_val: int = 32,
     seed: int = 0,
-    warmstart_steps: int = DEFAULT_WARMSTART_STEPS,
+    warmstart_steps: int | None = None,
     n_warmstart: int = DEFAULT_WARMSTART_ITEMS,
     eval_samples: int = 64,
     threads: int = 1,
+    family: str = "qwen2_5_vl",
 ) -> dict[str, Any]:
-    """Build every tiny asset under ``out`` and return (and save) a summary of what was built."""
+    """Build every tiny asset under ``out`` and return (and save) a summary of what was built.
+
+    ``family`` picks the VL model saved in ``out/model``: the tiny Qwen2.5-VL (default) or Qwen3-VL."""
     with torch_threads(threads):
-        return _build(out, n_train, n_val, seed, warmstart_steps, n_warmstart, eval_samples)
+        if family == "text":  # its own tokenizer corpus, model, task and warm-start length; no VL model
+            from calibrl_verl.tiny import text_task
+
+            steps = text_task.DEFAULT_WARMSTART_STEPS if warmstart_steps is None else warmstart_steps
+            return text_task.build_text(out, n_train, n_val, seed, steps, n_warmstart, eval_samples)
+        steps = DEFAULT_WARMSTART_STEPS if warmstart_steps is None else warmstart_steps
+        return _build(out, n_train, n_val, seed, steps, n_warmstart, eval_samples, family)
 
 
 def _build(
-    out: Path, n_train: int, n_val: int, seed: int, warmstart_steps: int, n_warmstart: int, eval_samples: int
+    out: Path, n_train: int, n_val: int, seed: int, warmstart_steps: int, n_warmstart: int, eval_samples: int,
+    family: str = "qwen2_5_vl",
 ) -> dict[str, Any]:
     """The build proper (see ``build``): assets, data, warm-start, accuracy probe, save, summary."""
     t0 = time.perf_counter()
     out = Path(out)
     tokenizer = build_tokenizer(tokenizer_corpus(seed))
-    processor = build_processor(tokenizer)
-    model = build_vl_model(tokenizer, seed)
+    processor, model = build_vl(family, tokenizer, seed)
     train = write_parquet(make_items(n_train, seed, "train"), "train", out / "data" / "train.parquet")
     val = write_parquet(make_items(n_val, seed, "val"), "val", out / "data" / "val.parquet")
     t1 = time.perf_counter()
-    losses = warm_start(model, processor, make_items(n_warmstart, seed, "warmstart"), warmstart_steps, seed)
-    t2 = time.perf_counter()
     probe = make_items(max(n_val, eval_samples), seed, "val")[:eval_samples]  # the val split's first items
-    acc = {
-        "eval_items": len(probe),
-        "sampled_t1": accuracy(model, processor, probe, temperature=1.0, seed=seed) if probe else None,
-        "greedy": accuracy(model, processor, probe, temperature=0.0, seed=seed) if probe else None,
-    }
-    t3 = time.perf_counter()
+    trained = warm_start_and_probe(model, processor, make_items(n_warmstart, seed, "warmstart"), probe,
+                                   warmstart_steps, seed)
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
     text_model = build_text_model(tokenizer, seed)
     text_model.save_pretrained(out / "text_model")
     tokenizer.save_pretrained(out / "text_model")
     info = {
+        "family": family,
         "seed": seed,
         "model_dir": str(out / "model"),
         "text_model_dir": str(out / "text_model"),
@@ -77,23 +87,22 @@ def _build(
         "vl_params": sum(p.numel() for p in model.parameters()),
         "text_params": sum(p.numel() for p in text_model.parameters()),
         "vocab_size": len(tokenizer),
-        "warmstart": {"steps": warmstart_steps, "items": n_warmstart, "loss_first": _first(losses)},
-        "accuracy": acc,
-        "seconds": {"assets": t1 - t0, "warmstart": t2 - t1, "eval": t3 - t2, "total": time.perf_counter() - t0},
+        **trained,
     }
-    info["warmstart"]["loss_last"] = _last(losses)
+    info["seconds"].update(assets=t1 - t0, total=time.perf_counter() - t0)
     (out / "build_info.json").write_text(json.dumps(info, indent=2))
     return info
 
 
-def _first(values: list[float]) -> float | None:
-    """First loss value, or None when no warm-start ran."""
-    return values[0] if values else None
+def build_vl(family: str, tokenizer: Any, seed: int) -> tuple[Any, Any]:
+    """(processor, randomly initialised model) of the tiny VL ``family``, sharing ``tokenizer``."""
+    if family == "qwen2_5_vl":
+        return build_processor(tokenizer), build_vl_model(tokenizer, seed)
+    if family == "qwen3_vl":
+        from calibrl_verl.tiny import qwen3_vl
 
-
-def _last(values: list[float]) -> float | None:
-    """Mean of the last 10 losses (less noisy than one step), or None when no warm-start ran."""
-    return sum(values[-10:]) / len(values[-10:]) if values else None
+        return qwen3_vl.build_processor(tokenizer), qwen3_vl.build_model(tokenizer, seed)
+    raise ValueError(f"--family {family!r}: expected one of {', '.join(VL_FAMILIES)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,10 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=64, help="RL train prompts")
     parser.add_argument("--n-val", type=int, default=32, help="RL validation prompts")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmstart-steps", type=int, default=DEFAULT_WARMSTART_STEPS, help="SFT steps (0: random)")
+    parser.add_argument("--warmstart-steps", type=int, default=None,
+                        help=f"SFT steps (0: random; default {DEFAULT_WARMSTART_STEPS}, 200 for --family text)")
     parser.add_argument("--warmstart-items", type=int, default=DEFAULT_WARMSTART_ITEMS, help="SFT split size")
     parser.add_argument("--eval-samples", type=int, default=64, help="val items for the accuracy probe (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on shared cores)")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES, help="the tiny VL model's family, or text")
     return parser.parse_args(argv)
 
 
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         n_warmstart=args.warmstart_items,
         eval_samples=args.eval_samples,
         threads=args.threads,
+        family=args.family,
     )
     print(json.dumps(info, indent=2))
 

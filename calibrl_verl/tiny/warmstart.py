@@ -6,13 +6,17 @@ warm-start split teaches the think/answer format and some of the task, giving re
 Prompts are built exactly like verl's agent loop builds them (processor chat template with the image,
 add_generation_prompt=True, qwen-vl-utils image handling); responses are tokenised like CalibRL's expert rows
 (no special tokens added, the EOS token appended), so training and rollout see the same token streams.
+Text-only items (``calibrl_verl.tiny.text_task``: no ``image``, their own ``chat_messages()``) take a tokenizer
+where VL items take a processor: the prompt is then the tokenizer's chat template, as verl renders it without a
+processor, and the batches carry no image inputs.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -47,13 +51,27 @@ class Example:
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    mm_token_type_ids: torch.Tensor
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    mm_token_type_ids: torch.Tensor | None = None  # None (and no image inputs) for a text-only item
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+def _is_text(items: list[Any]) -> bool:
+    """Text-only items (``text_task.TextItem``) have no image; VL items (``task.TinyItem``) always have one."""
+    return all(getattr(item, "image", None) is None for item in items)
+
+
+def _tokenizer(processor: Any) -> Any:
+    """The tokenizer of a processor, or the argument itself when the caller passed a tokenizer (text model)."""
+    return getattr(processor, "tokenizer", processor)
 
 
 def prompt_inputs(processor: ProcessorMixin, items: list[TinyItem]) -> BatchFeature:
     """Processor inputs for a batch of prompts, rendered as verl's agent loop renders them."""
+    if _is_text(items):  # verl without a processor: the tokenizer's chat template, no image inputs
+        texts = [processor.apply_chat_template(item.chat_messages(), add_generation_prompt=True, tokenize=False)
+                 for item in items]
+        return processor(texts, padding=True, add_special_tokens=False, return_tensors="pt")
     from qwen_vl_utils import process_vision_info
 
     texts, images = [], []
@@ -67,7 +85,7 @@ def prompt_inputs(processor: ProcessorMixin, items: list[TinyItem]) -> BatchFeat
 
 def response_ids(processor: ProcessorMixin, text: str) -> list[int]:
     """A response tokenised like CalibRL's expert rows: no special tokens added, EOS appended."""
-    tokenizer = processor.tokenizer
+    tokenizer = _tokenizer(processor)
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
@@ -81,6 +99,8 @@ def encode_example(processor: ProcessorMixin, item: TinyItem) -> Example:
     prompt = inputs["input_ids"][0]
     response = torch.tensor(response_ids(processor, item.solution), dtype=torch.long)
     labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), response])
+    if _is_text([item]):
+        return Example(torch.cat([prompt, response]), labels)
     types = torch.cat([inputs["mm_token_type_ids"][0], torch.zeros_like(response)])
     return Example(torch.cat([prompt, response]), labels, types, inputs["pixel_values"], inputs["image_grid_thw"])
 
@@ -95,7 +115,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = ex.input_ids, ex.labels, 1
-        types[row, :n] = ex.mm_token_type_ids
+        if ex.mm_token_type_ids is not None:
+            types[row, :n] = ex.mm_token_type_ids
+    if any(ex.pixel_values is None for ex in examples):  # text-only: a causal LM takes no image inputs
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -126,9 +149,9 @@ def warm_start(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
-    never = vision_token_ids(processor.tokenizer)
+    never = vision_token_ids(_tokenizer(processor))
     for _ in range(steps):
-        batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor.tokenizer.pad_token_id)
+        batch = collate(rng.sample(examples, min(batch_size, len(examples))), _tokenizer(processor).pad_token_id)
         out = model(**batch)
         loss = out.loss + unlikelihood(out.logits, batch["labels"], never)
         loss.backward()
@@ -171,7 +194,7 @@ def generate_ids(
     The suppression list comes from the saved generation config (the vision placeholders), so any caller that
     samples through this function never emits them (vLLM rollouts rely on the warm-start's ``unlikelihood`` term).
     """
-    tokenizer = processor.tokenizer
+    tokenizer = _tokenizer(processor)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         inputs = prompt_inputs(processor, items)
@@ -201,21 +224,44 @@ def generate_responses(
 ) -> list[str]:
     """Sampled responses decoded as verl's reward loop decodes them (special tokens skipped)."""
     new_tokens = generate_ids(model, processor, items, temperature, max_new_tokens, seed)
-    return processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return _tokenizer(processor).batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def accuracy(
     model: PreTrainedModel,
     processor: ProcessorMixin,
-    items: list[TinyItem],
+    items: list[Any],
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
+    grade: Callable[[str, str], bool] = is_correct,
 ) -> float:
-    """Fraction of items answered correctly (format and answer) by one sampled response each."""
+    """Fraction of items answered correctly by one response each (T = 0: greedy), graded by ``grade(response,
+    answer)`` (the image task's format-and-answer check by default)."""
     correct = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         responses = generate_responses(model, processor, chunk, temperature=temperature, seed=seed + start)
-        correct += sum(is_correct(r, it.answer) for r, it in zip(responses, chunk, strict=True))
+        correct += sum(grade(r, it.answer) for r, it in zip(responses, chunk, strict=True))
     return correct / max(1, len(items))
+
+
+def warm_start_and_probe(model: PreTrainedModel, processor: Any, train_items: list[Any], probe_items: list[Any],
+                         steps: int, seed: int, grade: Callable[[str, str], bool] = is_correct) -> dict[str, Any]:
+    """The SFT warm-start, then the accuracy probe (sampled at T = 1 and greedy) on ``probe_items``: the
+    ``warmstart``, ``accuracy`` and ``seconds`` parts of a tiny build's ``build_info.json``."""
+    t0 = time.perf_counter()
+    losses = warm_start(model, processor, train_items, steps, seed)
+    t1 = time.perf_counter()
+    acc = {
+        "eval_items": len(probe_items),
+        "sampled_t1": accuracy(model, processor, probe_items, 1.0, seed, grade=grade) if probe_items else None,
+        "greedy": accuracy(model, processor, probe_items, 0.0, seed, grade=grade) if probe_items else None,
+    }
+    last = losses[-10:]  # the mean of the last 10 losses: less noisy than one step
+    return {
+        "warmstart": {"steps": steps, "items": len(train_items), "loss_first": losses[0] if losses else None,
+                      "loss_last": sum(last) / len(last) if last else None},
+        "accuracy": acc,
+        "seconds": {"warmstart": t1 - t0, "eval": time.perf_counter() - t1},
+    }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CalibRL on Qwen3-VL-4B-Instruct: the paper's 7B setting (SPEC section 7) as in the Qwen3-VL-8B recipe, with
+# vLLM TP 1 (8 rollout replicas) and the 7B's static micro batches.
+#
+#   bash recipes/run_calibrl_qwen3vl_4b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
+#
+# The settings are one Hydra config: recipes/calibrl_qwen3vl_4b.yaml. recipes/launch.sh turns the
+# environment variables into overrides placed before yours.
+
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+# python -m calibrl_verl.main_calibrl --config-name calibrl_qwen3vl_4b <environment overrides> "$@"
+calibrl_launch calibrl_qwen3vl_4b "$@"

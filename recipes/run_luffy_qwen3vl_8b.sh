@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# LUFFY baseline (SPEC section 3) on Qwen3-VL-8B-Instruct: the expert row is trained on off-policy
+# (per expert token -A_e p/(p + 0.1), no clipping); same data and budget as the CalibRL Qwen3-VL-8B recipe.
+#
+#   bash recipes/run_luffy_qwen3vl_8b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
+#
+# The settings are one Hydra config: recipes/luffy_qwen3vl_8b.yaml. recipes/launch.sh turns the
+# environment variables into overrides placed before yours.
+
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+# python -m calibrl_verl.main_calibrl --config-name luffy_qwen3vl_8b <environment overrides> "$@"
+calibrl_launch luffy_qwen3vl_8b "$@"
