@@ -60,6 +60,7 @@ class Progress:
         self.postfix = ""
         self._start = self._last_line = time.monotonic()
         self._closed = False
+        self._printed_n: int | None = None  # the count the last plain line showed
         self._bar = self._make_bar() if self.mode == "bar" else None
 
     def _make_bar(self) -> Any:
@@ -104,7 +105,7 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "lines":
+        elif self.mode == "lines" and self._printed_n != self.n:  # not twice for the same count
             self._print_line()
 
     def _line_due(self, n: int) -> bool:
@@ -114,6 +115,7 @@ class Progress:
 
     def _print_line(self) -> None:
         self._last_line = time.monotonic()
+        self._printed_n = self.n
         print(self.format_line(self._last_line - self._start), file=self.stream, flush=True)
 
     def format_line(self, elapsed: float) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from calibrl_verl import smoke
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.families]
 TIMEOUT = 1200
 STEPS = 2
 

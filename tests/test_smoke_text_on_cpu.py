@@ -17,7 +17,7 @@ import pytest
 
 from calibrl_verl import smoke, tiny
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.families]
 STEPS = 2
 
 

@@ -284,7 +284,7 @@ def test_text_benchmark_cli_prints_progress_lines(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("[prep math500]")]
-    assert [line.split(" rows")[0] for line in lines] == [f"[prep math500] {n}/6" for n in (2, 4, 6, 6)]
+    assert [line.split(" rows")[0] for line in lines] == [f"[prep math500] {n}/6" for n in (2, 4, 6)]
     assert lines[-1].endswith("kept=5, dropped=1") and "\r" not in result.stderr
     assert "rows_written         5" in result.stdout and "skipped_no_answer    1" in result.stdout
 
@@ -353,7 +353,12 @@ def test_progress_time_based_lines_and_unknown_total() -> None:
         bar.update(3)
         bar.update(4)
     lines = stream.getvalue().splitlines()
-    assert [line.split(" rows")[0] for line in lines] == ["3", "7", "7"]  # interval 0: a line per update, + final
+    # interval 0: a line per update; closing does not repeat the count the last line showed
+    assert [line.split(" rows")[0] for line in lines] == ["3", "7"]
+    stream = io.StringIO()
+    with Progress(total=3, desc="runs", unit="run", every=1, mode="lines", stream=stream) as bar:
+        bar.update()
+    assert [line.split(" run")[0] for line in stream.getvalue().splitlines()] == ["[runs] 1/3"]
     assert Progress(total=None, mode="lines", stream=io.StringIO()).format_line(2.0) == "0 it 0.0 it/s elapsed 2s"
 
 
