@@ -357,7 +357,7 @@ def test_vllm_cli_on_cpu_text_model_matches_the_hf_backend(tiny: dict[str, Path]
     assert "[evaluate] backend: vllm" in vllm_run.stderr and "| math500 | 3 |" in vllm_run.stdout
     for run in (vllm_run, hf_run):  # --chunk-size 1: a progress line per row, then the final one
         lines = progress_lines(run.stderr, "math500")
-        assert [line.split(" rows")[0] for line in lines] == [f"[eval math500] {n}/3" for n in (1, 2, 3, 3)]
+        assert [line.split(" rows")[0] for line in lines] == [f"[eval math500] {n}/3" for n in (1, 2, 3)]
         assert all("acc=" in line for line in lines)
     ours = read_jsonl(tmp_path / "vllm" / "generations.jsonl")
     theirs = read_jsonl(tmp_path / "hf" / "generations.jsonl")
