@@ -1,6 +1,6 @@
 """Run the toy study's grid (methods x seeds) with the real recipe on the CPU backend; resumable.
 
-    python -m calibrl_verl.study.grid --out outputs/toy_study [--preset full|fast] [--jobs 2] [hydra overrides]
+    python -m calibrl_verl.study.grid --out outputs/toy_study [--preset full|fast] [--jobs 1] [hydra overrides]
 
 Every run is one ``python -m calibrl_verl.main_calibrl`` launch of the tiny recipe (``calibrl_verl.smoke``:
 verl's real trainer, agent loop, reward loop and checkpoints; the rollout is verl's vLLM server on vLLM's CPU build)
@@ -71,7 +71,8 @@ class StudyConfig:
     save_freq: int = 10
     n_train: int = 128
     n_val: int = 48
-    jobs: int = 2
+    # one run at a time: a launch with verl's vLLM rollout on CPU peaks at ~13.5 GB, so two need > 27 GB
+    jobs: int = 1
     timeout: int = 1800
     extra: tuple[str, ...] = field(default=())
 
@@ -226,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Path, StudyConfig]:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", help=f"subset of {list(METHODS)}")
-    parser.add_argument("--jobs", type=int, help="runs launched at once (each is a whole Ray cluster)")
+    parser.add_argument("--jobs", type=int, help="runs launched at once (each is a whole Ray cluster, ~13.5 GB on CPU)")
     args, extra = parser.parse_known_args(argv)
     cfg = PRESETS[args.preset]
     changes = {"steps": args.steps, "seeds": tuple(args.seeds or ()) or None,

@@ -5,8 +5,8 @@
 #   bash examples/toy_study/run_study.sh [hydra overrides for every run...]
 #
 # Resumable: re-run the same command after an interruption and finished runs are skipped, an unfinished run
-# resumes from its last verl checkpoint. About 80 minutes on 2 idle cores (docs/toy_study/README.md).
-# Env: OUT (outputs/toy_study), REPORT (docs/toy_study), PRESET (full | fast), JOBS (2: runs at a time),
+# resumes from its last verl checkpoint. About 45 minutes on 2 idle cores (docs/toy_study/README.md).
+# Env: OUT (outputs/toy_study), REPORT (docs/toy_study), PRESET (full | fast), JOBS (1: runs at a time; each holds ~13.5 GB),
 # SEEDS ("" = the preset's), METHODS ("" = all), VENV (.venv).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -14,7 +14,7 @@ VENV="${VENV:-$ROOT/.venv}"
 OUT="${OUT:-$ROOT/outputs/toy_study}"
 REPORT="${REPORT:-$ROOT/docs/toy_study}"
 PRESET="${PRESET:-full}"
-JOBS="${JOBS:-2}"
+JOBS="${JOBS:-1}"
 SEEDS="${SEEDS:-}"
 METHODS="${METHODS:-}"
 
