@@ -81,7 +81,7 @@ PRESETS: dict[str, StudyConfig] = {
     "full": StudyConfig(),
     # the CI version: checks the pipeline end to end (runs, logs, plots, table), not the science
     "fast": StudyConfig(steps=2, seeds=(0,), methods=("grpo", "calibrl_a0.5"), test_freq=2, save_freq=2,
-                        n_train=16, n_val=8, jobs=1),
+                        n_train=16, n_val=8),
 }
 
 
