@@ -11,7 +11,7 @@ expert). Each term is timed forward + backward w.r.t. the policy log-probs, metr
   ppo             verl's ``compute_policy_loss_vanilla`` (clip 0.2, dual clip 3), the reference of every ratio
   guide-token     ``compute_calibrl_guide_loss(gap="token")``  (tail zero, token-mean)
   guide-seq       ``compute_calibrl_guide_loss(gap="sequence")`` with the trainer's per-row expert baseline
-  *-formula       the same guide loss written op by op from SPEC §1.7 (what this module did before its fast path)
+  *-formula       the guide loss op by op from docs/algorithm.md §1.7 (what this module did before its fast path)
   *-compiled      ``torch.compile`` of that literal formula (compilation time printed apart, not in the ratio)
   luffy / rlplus  ``luffy_expert_token_loss`` / ``rlplus_expert_token_loss`` + ``aggregate_loss`` on the same tokens
 Timing: interleaved pairs. Each pair runs PPO and the term back to back (order alternating between pairs) and
@@ -93,7 +93,7 @@ def make_loss_inputs(prompts: int, n: int, length: int, seed: int = 0) -> LossIn
 def literal_guide_loss(lp: torch.Tensor, elp: torch.Tensor, emask: torch.Tensor, adv: torch.Tensor,
                        correct: torch.Tensor, resp: torch.Tensor, baseline: torch.Tensor, gap: str,
                        alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §1.7 op by op (tail zero, token-mean): loss and the metric sums, as this module computed them before."""
+    """docs/algorithm.md §1.7 op by op (tail zero, token-mean): loss and metric sums, as computed before."""
     lp = lp.float().clamp(min=ca.LOG_PROB_FLOOR)
     has_expert = emask.any(-1)
     sign = correct.float() * 2 - 1

@@ -7,10 +7,10 @@
 Each launch is the tiny recipe of ``calibrl_verl.smoke`` (verl's real trainer, FSDP2 worker, vLLM rollout server,
 weight sync; 4 prompts per step) with ``trainer.resume_mode=disable``, no checkpoint, and the same seed
 (``data.seed``, ``actor_rollout_ref.rollout.seed``, ``calibrl.seed``) and data for every method. On-policy samples
-per prompt are equal: ``smoke.recipe_overrides`` sets ``rollout.n`` to 4 for GRPO and 4 + 1 expert row for
-CalibRL / LUFFY; the table's header checks it from the rows each phase saw. Launches alternate GRPO, CalibRL, LUFFY,
-GRPO, ... so all methods see the same drift of a shared machine; one launch at a time, each with a timeout after
-which it is killed with its Ray cluster and vLLM processes.
+per prompt are equal: ``smoke.recipe_overrides`` sets ``calibrl.n_onpolicy`` = 4, so ``rollout.n`` is 4 for GRPO
+and 4 + 1 expert row for CalibRL / LUFFY; the table's header checks it from the rows each phase saw. Launches
+alternate GRPO, CalibRL, LUFFY, GRPO, ... so all methods see the same drift of a shared machine; one launch at a
+time, each with a timeout after which it is killed with its Ray cluster and vLLM processes.
 
 Timing: verl's own per-step timers from the metrics JSONL (``timing_s/gen``, ``old_log_prob``, ``adv``,
 ``update_actor``, ``update_weights``, ``step``; "rest" is the step minus those: prompt submission, the first

@@ -1,10 +1,10 @@
 """CalibRL math: pure torch, no Ray, no verl import.
 
-Every equation of SPEC.md §1 and §3 lives in exactly one function below, and each docstring states it.
+Every equation of docs/algorithm.md §1 and §3 lives in exactly one function below, and each docstring states it.
 The verl glue (registries, trainer, actor loss) lives in ``calibrl_verl.integration`` and only calls
 into this module, so the math can be read, tested and benchmarked on its own.
 
-Notation (SPEC.md): a *group* is all rows sharing a prompt uid; on-policy rows o_1..o_n were sampled,
+Notation (docs/algorithm.md): a *group* is all rows sharing a prompt uid; on-policy rows o_1..o_n were sampled,
 expert rows e carry the expert chain-of-thought. r_i is a row's scalar reward, A_i its advantage,
 s_i = +1 / -1 its correctness sign, l^e_t = log pi_old(e_t | q, e_<t) the expert's old per-token log-probs.
 """
@@ -30,6 +30,7 @@ __all__ = [
     "compute_expert_advantage",
     "correctness_sign",
     "expert_sequence_baseline",
+    "group_expert_baseline",
     "group_ids",
     "luffy_expert_token_loss",
     "rlplus_expert_token_loss",
@@ -46,7 +47,7 @@ LOG_PROB_FLOOR = -20.0
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Groups and advantages (SPEC §1.5, §3)
+# Groups and advantages (docs/algorithm.md §1.5, §3)
 # ----------------------------------------------------------------------------------------------------------
 def group_ids(index: np.ndarray | list[Any]) -> torch.Tensor:
     """Map per-row group keys (uids, any hashable) to dense int64 ids 0..G-1, first-seen order irrelevant."""
@@ -59,7 +60,10 @@ def _onpolicy_group_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row mean, unbiased std and 'all rewards equal' flag of the row's group, over on-policy rows only.
 
-    Single-row groups follow verl's GRPO convention: mean 0, std 1 (the lone reward is its own advantage).
+    Single-row groups (and groups with no on-policy row) follow verl's GRPO convention: mean 0, std 1 (the lone
+    reward is its own advantage). A group whose on-policy rewards are all equal gets mean = that reward and
+    std = 1, as LUFFY does (see ``compute_expert_advantage``): a zero std must never be a divisor. "All equal"
+    is decided exactly (max == min), not by std == 0: float32 gives ten rewards of 1.1 a std of about 1e-7.
     """
     n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
     w = onpolicy.to(scores.dtype)
@@ -74,9 +78,9 @@ def _onpolicy_group_stats(
     hi = torch.full((n_groups,), -big, dtype=scores.dtype).scatter_reduce_(0, gid, masked_hi, reduce="amax")
     lo = torch.full((n_groups,), big, dtype=scores.dtype).scatter_reduce_(0, gid, masked_lo, reduce="amin")
     single = count <= 1.0
-    mean = torch.where(single, torch.zeros_like(mean), mean)
-    std = torch.where(single, torch.ones_like(std), std)
     all_equal = (hi == lo) & ~single
+    mean = torch.where(single, torch.zeros_like(mean), torch.where(all_equal, hi, mean))
+    std = torch.where(single | all_equal, torch.ones_like(std), std)
     return mean[gid], std[gid], all_equal[gid]
 
 
@@ -88,7 +92,7 @@ def compute_calibrl_advantage(
     norm_adv_by_std: bool = False,
     epsilon: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-relative advantage over on-policy rows (SPEC §1.5); its magnitude is the group rareness.
+    """Group-relative advantage over on-policy rows (docs/algorithm.md §1.5); its magnitude is the group rareness.
 
         r_i  = sum_t token_level_rewards[i, t]
         A_i  = r_i - mean_{j on-policy, g(j) = g(i)} r_j                    (Dr.GRPO, default)
@@ -115,12 +119,26 @@ def compute_expert_advantage(
     norm_adv_by_std: bool = False,
     epsilon: float = 1e-6,
 ) -> torch.Tensor:
-    """Advantage of expert rows for the off-policy baselines (LUFFY, RL-PLUS; SPEC §3), 0 on on-policy rows.
+    """Advantage of expert rows for the off-policy baselines (LUFFY, RL-PLUS; docs/algorithm.md §3), 0 elsewhere.
 
-        A_e = r_e - mean_{j on-policy} r_j            (divided by std_j r_j + epsilon when norm_adv_by_std)
+        A_e = r_e - mean_{j on-policy} r_j                          (default)
+        A_e = (r_e - mean_{j on-policy} r_j) / (std_j r_j + epsilon)  (norm_adv_by_std=True)
+        std_j r_j := 1 when the group's on-policy rewards are all equal; mean 0, std 1 for a group with
+        fewer than two on-policy rows
 
-    The group statistics use on-policy rows only, as LUFFY's own code does; a group with no on-policy row
-    (or a single one) uses mean 0 and std 1.
+    LUFFY's own code (github.com/ElliottYan/LUFFY, ``luffy/verl/verl/mix_src/mix_core_alg.py``,
+    ``compute_grpo_outcome_advantage_split``, its ``grpo_split`` estimator) takes the mean and the unbiased std
+    over the on-policy rows of the prompt only, replaces a std equal to 0 by 1, and divides by std + 1e-6; a
+    prompt with one on-policy row gets mean 0 and std 1. We follow it, with two differences that only make it
+    well-defined: "all equal" is tested exactly rather than as std == 0 (in float32, ten on-policy rewards of
+    1.1 have a std of ~1e-7, so an expert scoring 0 would get about -1e6), and a group with no on-policy row
+    uses mean 0, std 1 where LUFFY's code fails with a KeyError. So with on-policy rewards [0, 0, 0] and
+    r_e = 1.1, A_e = 1.1 / (1 + 1e-6), not 1.1 / 1e-6. In a group that is not all equal and whose rewards lie
+    on a grid of step delta (acc + 0.1 fmt: delta = 0.1), the std of n rows is at least delta / sqrt(n) (one
+    row off by delta), so |A_e| stays a bounded z-score.
+    (LUFFY's released main script, ``exp_scripts/train.sh``, instead runs its plain ``grpo`` estimator with
+    ``grpo_use_std=False``: there the expert row's reward also enters the group mean. docs/algorithm.md keeps
+    the expert out of the statistics.)
     """
     is_expert = torch.as_tensor(is_expert, dtype=torch.bool).reshape(-1)
     adv, _ = _centred_scores(token_level_rewards, index, is_expert, norm_adv_by_std, epsilon)
@@ -128,7 +146,10 @@ def compute_expert_advantage(
 
 
 def _centred_scores(token_level_rewards, index, is_expert, norm_adv_by_std, epsilon):
-    """(r_i - mean) [/ (std + eps)] per row with on-policy group statistics, and the all-equal-group flag."""
+    """(r_i - mean) [/ (std + eps)] per row with on-policy group statistics, and the all-equal-group flag.
+
+    The std of an all-equal group is 1 (``_onpolicy_group_stats``), so no row is divided by a zero std.
+    """
     scores = token_level_rewards.sum(dim=-1).to(torch.float32)
     if scores.numel() == 0:
         return scores, torch.zeros_like(scores, dtype=torch.bool)
@@ -145,7 +166,7 @@ def _broadcast(adv: torch.Tensor, like: torch.Tensor, response_mask: torch.Tenso
 def correctness_sign(
     scores: torch.Tensor, acc: torch.Tensor | None = None, pass_threshold: float = 0.1
 ) -> torch.Tensor:
-    """Correctness of each row (SPEC §1.6): the reward's ``acc`` field when it has one, else r_i > threshold.
+    """Correctness of each row (docs/algorithm.md §1.6): the reward's ``acc`` when it has one, else r_i > threshold.
 
         correct_i = acc_i > 0           if acc is given
         correct_i = r_i > pass_threshold otherwise;   s_i = +1 if correct_i else -1
@@ -159,7 +180,7 @@ def correctness_sign(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The asymmetric expert-gap activation (SPEC §1.7)
+# The asymmetric expert-gap activation (docs/algorithm.md §1.7)
 # ----------------------------------------------------------------------------------------------------------
 def asymmetric_gate(
     gap: torch.Tensor, sign: torch.Tensor, alpha: float, weight: torch.Tensor | None = None
@@ -251,10 +272,10 @@ def _row_agg_weights(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The guide loss (SPEC §1.7). One pass per step over the (B, T) tensors where eager torch allows it: masks as
-# float (a bool mask in a float op is a slow mixed-dtype kernel), scratch tensors updated in place, per-token sums
-# reduced per row first, the gradient formed next to the loss (backward is then one multiply), and every metric
-# read from those intermediates with a single host synchronisation.
+# The guide loss (docs/algorithm.md §1.7). One pass per step over the (B, T) tensors where eager torch allows it:
+# masks as float (a bool mask in a float op is a slow mixed-dtype kernel), scratch tensors updated in place,
+# per-token sums reduced per row first, the gradient formed next to the loss (backward is then one multiply), and
+# every metric read from those intermediates with a single host synchronisation.
 # ----------------------------------------------------------------------------------------------------------
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A mask as ``dtype``; bool goes through a uint8 view, whose cast is vectorised (bool's: ~2.5x slower on CPU)."""
@@ -301,7 +322,7 @@ def _check_guide_args(gap: str, tail: str, sequence_norm: str, alpha: float) -> 
 
 def expert_sequence_baseline(expert_log_prob: torch.Tensor, expert_mask: torch.Tensor,
                              sequence_norm: str = "sum") -> torch.Tensor:
-    """The expert's side of the sequence gap (SPEC §1.7, eq. 9), over ALL of the expert's tokens:
+    """The expert's side of the sequence gap (docs/algorithm.md §1.7, eq. 9), over ALL of the expert's tokens:
 
         S(l^e) = sum_t l^e_t                      (sequence_norm="sum")
         S(l^e) = sum_t l^e_t / |e|                (sequence_norm="mean": |e| = the expert's own token count)
@@ -369,7 +390,7 @@ def compute_calibrl_guide_loss(
     loss_scale_factor: float | None = None,
     expert_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The calibration (guide) loss L_guide over on-policy rows (SPEC §1.7); expert rows are never passed in.
+    """The calibration (guide) loss L_guide over on-policy rows (docs/algorithm.md §1.7); never over expert rows.
 
     Inputs are (B, T) over on-policy rows: ``expert_log_prob`` / ``expert_mask`` hold the row's group expert's
     old log-probs l^e_t, position-aligned, and where the expert has a token; a row whose group has no expert
@@ -433,7 +454,7 @@ def _token_guide(
     agg: dict[str, Any],
     need_grad: bool,
 ) -> _GuideParts:
-    """Token-mode guide loss (SPEC §1.7): value, its gradient, and per-row sums for the metrics.
+    """Token-mode guide loss (docs/algorithm.md §1.7): value, its gradient, and per-row sums for the metrics.
 
         d_{i,t} = max(lp_{i,t}, floor) - l^e_t      (l^e_t = 0 past the expert's last token: tail="zero")
         g_{i,t} = |A_i| * LeakyReLU_alpha(-s_i * d_{i,t}),   L = sum_i a_i sum_t m_{i,t} g_{i,t}
@@ -477,7 +498,7 @@ def _sequence_guide(
     agg: dict[str, Any],
     need_grad: bool,
 ) -> _GuideParts:
-    """Sequence-mode guide loss (SPEC §1.7, eq. 9): value, its per-row gradient, and per-row terms for the metrics.
+    """Sequence-mode guide loss (docs/algorithm.md §1.7, eq. 9): value, per-row gradient, per-row metric terms.
 
         d_i = S(max(lp, floor)) - S(l^e)       S = sum over response tokens, or their mean (sequence_norm="mean")
         g_i = |A_i| * LeakyReLU_alpha(-s_i * d_i),   L = sum_i g_i / N_responses * dp
@@ -532,7 +553,7 @@ def _guide_metrics(stats: torch.Tensor, rareness: torch.Tensor, has_expert: torc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Off-policy expert-token shaping for the baselines (SPEC §3)
+# Off-policy expert-token shaping for the baselines (docs/algorithm.md §3)
 # ----------------------------------------------------------------------------------------------------------
 def luffy_expert_token_loss(
     log_prob: torch.Tensor, advantages: torch.Tensor, shaping_gamma: float = 0.1
@@ -570,3 +591,42 @@ def rlplus_expert_token_loss(
 def _floored_log_prob(log_prob: torch.Tensor) -> torch.Tensor:
     """max(log_prob, LOG_PROB_FLOOR) in float32, differentiable (the clamp's gradient is 0 below the floor)."""
     return log_prob.float().clamp(min=LOG_PROB_FLOOR)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The calibration baseline of a group with several experts (calibrl.experts_per_group = k > 1)
+# ----------------------------------------------------------------------------------------------------------
+class GroupBaseline(NamedTuple):
+    """Per group g: the expert baseline the group's on-policy rows are compared with (see ``group_expert_baseline``)."""
+
+    token_log_prob: torch.Tensor  # (G, T): l-bar^g_t, 0 where no expert of the group has a token
+    token_mask: torch.Tensor  # (G, T) bool: some expert of the group has a token at t
+    sequence: torch.Tensor  # (G,): S-bar^g, 0 for a group without expert
+    n_experts: torch.Tensor  # (G,) int64: the group's expert rows
+
+
+def group_expert_baseline(gid: torch.Tensor, n_groups: int, expert_rows: torch.Tensor, response_mask: torch.Tensor,
+                          old_log_probs: torch.Tensor, sequence_norm: str = "sum") -> GroupBaseline:
+    """The calibration baseline of each group: the MEAN over the group's experts e_1..e_k (docs/algorithm.md):
+
+        token gap:     l-bar_t = (1 / k_t) sum_{j : t < |e_j|} l^{e_j}_t,   k_t = #experts with a token at t
+                       (past the longest expert no expert has a token: the ``tail`` rule applies there)
+        sequence gap:  S-bar   = (1 / k) sum_j S(l^{e_j})       (S over all of e_j's tokens, expert_sequence_baseline)
+
+    With one expert both are exactly that expert's l^e_t and S(l^e). Why the mean: each expert is one draw of
+    "how likely a verified solution is under the old policy"; their mean estimates that level with less variance
+    than any single draw, and it does not depend on the order the experts were drawn in.
+
+    ``gid`` (B,) dense group ids, ``expert_rows`` (B,) bool (real, active expert rows), (B, T) mask and log-probs.
+    Log-probs are floored at LOG_PROB_FLOOR first, as in the loss.
+    """
+    emask = response_mask.bool() & expert_rows.reshape(-1, 1)
+    lp = torch.where(emask, old_log_probs.float().clamp(min=LOG_PROB_FLOOR), 0.0)
+    width = response_mask.shape[-1]
+    lp_sum = torch.zeros(n_groups, width).index_add_(0, gid, lp)
+    count = torch.zeros(n_groups, width).index_add_(0, gid, emask.float())
+    token_log_prob = lp_sum / count.clamp(min=1.0)
+    per_row = expert_sequence_baseline(old_log_probs, emask, sequence_norm)
+    seq_sum = torch.zeros(n_groups).index_add_(0, gid, per_row * expert_rows.float())
+    n_experts = torch.zeros(n_groups, dtype=torch.long).index_add_(0, gid, expert_rows.long())
+    return GroupBaseline(token_log_prob, count > 0, seq_sum / n_experts.clamp(min=1), n_experts)

@@ -5,13 +5,16 @@ TaskRunner) with our config (``config/calibrl_trainer.yaml``: verl's ``ppo_train
 or a recipe from the checkout's ``recipes/`` named with ``--config-name``) and these things done first, on the
 driver, before Ray or any GPU starts:
 
+0. the installed verl must be the release the stage wrappers were written against (``integration/stage_io.py``:
+   ``VerlDriftError`` otherwise, unless ``calibrl.allow_verl_mismatch=true``);
 1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it), the batch shape is
    checked (a PPO mini-batch's rows, expert rows included, split evenly over the GPUs), the input files are
    checked (data files and a local model directory exist: every missing one is named), and the local
    training files are validated (``calibrl_verl.data.validate``: errors name file, row and column; counted
    fallbacks such as rows without an expert are printed once);
 2. the verl keys that follow from ``calibrl.loss_mode`` are derived (estimator, policy loss, the agent-loop
-   file), so one switch selects CalibRL or a baseline;
+   file, and ``rollout.n`` = ``calibrl.n_onpolicy`` + the mode's expert rows, written as a plain integer), so one
+   switch selects CalibRL or a baseline with the same on-policy budget;
 3. with ``calibrl.reward_guard`` the configured reward function is wrapped (``integration/reward_guard.py``:
    a sample whose reward raises or is NaN scores 0 and is counted); the function is loaded here first, so a
    wrong ``reward.custom_reward_function`` path fails before Ray starts;
@@ -54,13 +57,14 @@ _dry_run = False
 
 def prepare_config(config: DictConfig) -> CalibRLConfig:
     """Validate ``calibrl:`` and derive the verl keys it implies; returns the validated section."""
+    from calibrl_verl.integration.stage_io import check_verl_version
+
     cfg = CalibRLConfig.from_config(config.get("calibrl"))
+    warning = check_verl_version(cfg.allow_verl_mismatch)
+    if warning:
+        print(f"[calibrl] warning: {warning}", file=sys.stderr)
+    set_rollout_n(config, cfg)
     rollout = config.actor_rollout_ref.rollout
-    if int(rollout.n) <= cfg.n_expert:
-        raise CalibRLConfigError(
-            f"actor_rollout_ref.rollout.n={rollout.n} counts on-policy samples plus calibrl.experts_per_group="
-            f"{cfg.n_expert} expert rows: it must be larger (e.g. n=11 for 10 samples + 1 expert)"
-        )
     cfg.check_run_length(config.trainer.get("total_training_steps"))
     check_old_log_prob_mode(config, cfg)
     check_update_shape(config, cfg)
@@ -75,6 +79,31 @@ def prepare_config(config: DictConfig) -> CalibRLConfig:
             install_reward_guard(config)
         _forward_env(config)
     return cfg
+
+
+def set_rollout_n(config: DictConfig, cfg: CalibRLConfig) -> None:
+    """Write ``actor_rollout_ref.rollout.n`` as the integer ``calibrl.n_onpolicy`` + the mode's expert rows.
+
+    calibrl_base.yaml derives it with the ``calibrl_rollout_n`` resolver; an explicit ``rollout.n`` is accepted
+    only when it agrees, so ``calibrl.loss_mode=grpo`` on a CalibRL recipe (or the reverse) keeps the on-policy
+    budget. The integer replaces the interpolation because verl's TaskRunner resolves the config in a Ray process
+    where the resolver may not be registered.
+    """
+    rollout = config.actor_rollout_ref.rollout
+    given = rollout.get("n")
+    if given != cfg.rollout_n or isinstance(given, bool):
+        how = (f"(calibrl.loss_mode={cfg.loss_mode!r} adds none)" if cfg.loss_mode == "grpo"
+               else f"(calibrl.experts_per_group={cfg.n_expert})")
+        fix = "drop the actor_rollout_ref.rollout.n override"
+        if isinstance(given, int) and not isinstance(given, bool) and given - cfg.n_expert >= 1:
+            fix += f", or set calibrl.n_onpolicy={given - cfg.n_expert} for {given - cfg.n_expert} on-policy samples"
+        raise CalibRLConfigError(
+            f"actor_rollout_ref.rollout.n={given} disagrees with calibrl.n_onpolicy={cfg.n_onpolicy} on-policy "
+            f"samples + {cfg.n_expert} expert rows {how} = {cfg.rollout_n}: rollout.n follows from "
+            f"calibrl.n_onpolicy; {fix}"
+        )
+    with open_dict(config):
+        rollout.n = cfg.rollout_n
 
 
 def check_old_log_prob_mode(config: DictConfig, cfg: CalibRLConfig) -> None:
@@ -99,8 +128,9 @@ def check_batch_split(config: DictConfig, cfg: CalibRLConfig) -> None:
 
     verl's engine asserts, once the models are loaded, that every update mini-batch splits over the data-parallel
     ranks (verl 0.9.1 ``engine_workers.py`` ~267); for GRPO, LUFFY and RL-PLUS that is ppo_mini_batch_size x
-    rollout.n rows. CalibRL updates on its on-policy rows only (``check_update_shape``) but is held to the full
-    rows too, as the bash recipes always held it: CalibRL and its baselines then run with one mini-batch size.
+    rollout.n rows (``prepare_config`` has made it calibrl.n_onpolicy + the mode's expert rows). CalibRL updates on
+    its on-policy rows only (``check_update_shape``) but is held to the full rows too, as the bash recipes always
+    held it: CalibRL and its baselines then run with one mini-batch size.
     The size named divides data.train_batch_size (whole mini-batches per step) and passes both checks.
     """
     trainer, actor = config.trainer, config.actor_rollout_ref.actor
@@ -137,7 +167,8 @@ def check_update_shape(config: DictConfig, cfg: CalibRLConfig) -> None:
     """Refuse a mini-batch the CalibRL update cannot split over the data-parallel ranks, naming a size that works.
 
     CalibRL updates on the on-policy rows only, so its mini-batch is ppo_mini_batch_size x (rollout.n - k) rows,
-    and verl's engine asserts it splits evenly over the dp ranks, dynamic batch sizes included (verl 0.9.1
+    i.e. x calibrl.n_onpolicy once ``prepare_config`` derived rollout.n (GRPO's update has the same on-policy
+    rows), and verl's engine asserts it splits evenly over the dp ranks, dynamic batch sizes included (verl 0.9.1
     ``engine_workers.py`` ~267). verl's own start-up check counts rollout.n rows, experts included.
     """
     actor = config.actor_rollout_ref.actor
@@ -152,8 +183,9 @@ def check_update_shape(config: DictConfig, cfg: CalibRLConfig) -> None:
         works = -(-mini // step) * step
         raise CalibRLConfigError(
             f"actor_rollout_ref.actor.ppo_mini_batch_size={mini} gives CalibRL updates of {mini} x {n_on} on-policy "
-            f"rows (actor_rollout_ref.rollout.n={n_on + cfg.n_expert} minus calibrl.experts_per_group="
-            f"{cfg.n_expert}), which do not split over {dp} data-parallel ranks; use a multiple of {step}, e.g. "
+            f"rows (calibrl.n_onpolicy={n_on}: actor_rollout_ref.rollout.n={n_on + cfg.n_expert} minus "
+            f"{cfg.n_expert} expert rows), which do not split over {dp} data-parallel ranks; use a multiple of "
+            f"{step}, e.g. "
             f"actor_rollout_ref.actor.ppo_mini_batch_size={works}"
         )
 
@@ -305,6 +337,7 @@ def dry_run(config: DictConfig) -> None:
 @hydra.main(config_path="config", config_name="calibrl_trainer", version_base=None)
 def main(config: Any) -> None:
     from calibrl_verl.data.validate import DataValidationError
+    from calibrl_verl.integration.stage_io import VerlDriftError
 
     try:
         cfg = prepare_config(config)
@@ -316,7 +349,7 @@ def main(config: Any) -> None:
             return
         require_inputs(config)
         validate_train_data(config, cfg)
-    except (CalibRLConfigError, DataValidationError) as err:
+    except (CalibRLConfigError, DataValidationError, VerlDriftError) as err:
         # a start-up check failed and its message says what to change: a traceback would only bury it
         raise SystemExit(f"error: {err}") from None
     run(config)

@@ -1,25 +1,40 @@
-"""Verifiable reward for CalibRL (SPEC section 1, step 3).
+"""Verifiable reward for CalibRL (docs/algorithm.md §1.3).
 
     r = acc + 0.1 * fmt
 
-* ``fmt`` is 1 iff the whole response (outer whitespace stripped) is exactly one
-  ``<think>...</think>`` block, optional whitespace, and exactly one ``<answer>...</answer>`` block,
-  with nothing before, between (except whitespace) or after, and no nested/stray think/answer tags.
-* ``acc`` is 1 iff the text inside the response's ``<answer>`` tag equals the ground truth:
-  multiple-choice ground truths (an option letter such as ``A``, ``(B)``, ``C.`` or ``D) 12``) are compared
-  by option letter; everything else is normalised (LaTeX wrappers, ``\\text{}``, units, degrees, percent,
-  ``\\boxed{}``, ``$...$``, trailing period) and graded by exact match, a safe numeric comparison,
-  ``mathruler.grader.grade_answer`` and ``math_verify`` (fallback).
+Two rule sets decide ``fmt`` and which text ``acc`` grades. The default reproduces the authors' reward
+(their reported numbers came from it); ``compute_score(..., strict_format=True)`` (in training:
+``+reward.custom_reward_function.reward_kwargs.strict_format=true``) switches to ours. docs/differences.md
+lists each difference and why.
 
-Anti-hacking rules: a response with no complete ``<answer>...</answer>`` block, an empty one, or MORE THAN ONE
-answer block gets ``acc = 0`` (listing several candidate answers must not be rewarded). Text outside the tags is
-never graded.
+* authors' rules (default):
+  ``fmt`` is 1 iff the whole response, as decoded (no stripping), matches
+  ``<think>.*</think>.*<answer>.*</answer>``: any text (tags included) between ``</think>`` and
+  ``<answer>``, nothing before ``<think>`` or after the last ``</answer>``.
+  ``acc`` grades the FIRST ``<answer>...</answer>`` block whose content is non-empty and contains no ``<``
+  (the authors' pattern ``<answer>\\s*([^<]+?)\\s*</answer>``; a block such as ``<answer>x<3</answer>`` is
+  skipped, as there).
+* strict rules (``strict_format=True``):
+  ``fmt`` is 1 iff the response (outer whitespace stripped) is exactly one ``<think>...</think>`` block,
+  optional whitespace, and exactly one ``<answer>...</answer>`` block, with no nested/stray think/answer
+  tags. ``acc`` needs exactly one complete ``<answer>`` block: none, an empty one or MORE THAN ONE gives
+  ``acc = 0`` (listing several candidate answers is not rewarded).
+
+In both, text outside ``<answer>`` tags is never graded, and the grading itself is ours: multiple-choice
+ground truths (an option letter ``A``-``K``, as in the authors' code, such as ``A``, ``(B)``, ``C.`` or
+``D) 12``) are compared by option letter; everything else is normalised (LaTeX wrappers, ``\\text{}``, units,
+degrees, percent, ``\\boxed{}``, ``$...$``, trailing period) and graded by exact match, a safe numeric
+comparison, ``mathruler.grader.grade_answer`` and ``math_verify`` (fallback).
+
+The data tools (``calibrl_verl.data``, ``calibrl_verl.experts``) use the strict helpers ``format_reward`` and
+``extract_answer`` and ``strict_format=True``: expert data is checked against the stricter rules.
 
 Safety: model output is never passed to ``eval``/``exec`` by this module. The symbolic graders (sympy behind
 mathruler and math_verify) are only called on short answers without factorials, ``**`` or nested/huge
 exponents, so a crafted answer cannot make the reward hang; math_verify is called with its signal-based
 timeouts disabled so it works off the main thread (verl calls reward functions from worker threads). Any
-exception while grading counts as a wrong answer; ``compute_score`` never raises.
+exception while grading counts as a wrong answer; ``compute_score`` never raises on model output (a
+non-bool ``strict_format`` is a configuration error and raises ``TypeError``).
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ except ImportError:  # pragma: no cover
 FORMAT_WEIGHT = 0.1
 MAX_SYMBOLIC_LEN = 100
 MAX_ANSWER_LEN = 1000
-OPTION_LETTERS = "ABCDEFGH"
+OPTION_LETTERS = "ABCDEFGHIJK"  # the authors' code treats A-K as option letters
 
 _TAG = r"</?(?:think|answer)>"
 _FORMAT_RE = re.compile(
@@ -51,6 +66,9 @@ _FORMAT_RE = re.compile(
     re.DOTALL,
 )
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# the authors' rules, used with fullmatch / search exactly as their reward function does
+_AUTHORS_FORMAT_RE = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
+_AUTHORS_ANSWER_RE = re.compile(r"<answer>\s*([^<]+?)\s*</answer>")
 _L = f"[{OPTION_LETTERS}]"
 _OPTION_RE = re.compile(rf"^(?:\(({_L})\)|({_L})[.):：])\s*(.*)$|^({_L})$", re.DOTALL)
 _OPTION_PREFIX_RE = re.compile(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*", re.IGNORECASE)
@@ -81,14 +99,21 @@ def compute_score(
     solution_str: Any,
     ground_truth: Any,
     extra_info: dict | None = None,
+    strict_format: bool = False,
     **kwargs: Any,
 ) -> dict:
-    """verl custom reward: ``{"score": acc + 0.1 * format, "acc": 0/1, "format": 0/1}``; never raises."""
+    """verl custom reward: ``{"score": acc + 0.1 * format, "acc": 0/1, "format": 0/1}``; never raises on model output.
+
+    ``strict_format=False`` (default) applies the authors' format and answer-extraction rules, ``True`` ours
+    (see the module docstring); verl passes it from ``reward.custom_reward_function.reward_kwargs``.
+    """
+    if not isinstance(strict_format, bool):
+        raise TypeError(f"compute_score: reward_kwargs strict_format must be true or false, got {strict_format!r}")
     if not isinstance(solution_str, str):
         return _result(0.0, 0.0)
     try:
-        fmt = format_reward(solution_str)
-        acc = accuracy_reward(solution_str, ground_truth)
+        fmt = format_reward(solution_str) if strict_format else authors_format_reward(solution_str)
+        acc = accuracy_reward(solution_str, ground_truth, strict_format=strict_format)
     except Exception:  # defensive: a reward function must not crash training
         return _result(0.0, 0.0)
     return _result(acc, fmt)
@@ -99,21 +124,34 @@ def _result(acc: float, fmt: float) -> dict:
 
 
 def format_reward(response: str) -> float:
-    """1.0 iff the response is exactly ``<think>..</think>`` + optional whitespace + ``<answer>..</answer>``."""
+    """Strict format: 1.0 iff the stripped response is exactly ``<think>..</think>`` + optional whitespace +
+    ``<answer>..</answer>`` with no stray think/answer tags."""
     return 1.0 if _FORMAT_RE.match(response.strip()) else 0.0
 
 
+def authors_format_reward(response: str) -> float:
+    """The authors' format: 1.0 iff the unstripped response fully matches
+    ``<think>.*?</think>.*?<answer>.*?</answer>`` (any text between and inside the blocks)."""
+    return 1.0 if _AUTHORS_FORMAT_RE.fullmatch(response) else 0.0
+
+
 def extract_answer(response: str) -> str | None:
-    """Content of the single complete ``<answer>`` block; None if there is none or more than one."""
+    """Strict: content of the single complete ``<answer>`` block; None if there is none or more than one."""
     blocks = _ANSWER_RE.findall(response)
     if len(blocks) != 1:
         return None
     return blocks[0]
 
 
-def accuracy_reward(response: str, ground_truth: Any) -> float:
-    """1.0 iff the single answer block matches the ground truth."""
-    answer = extract_answer(response)
+def first_answer(response: str) -> str | None:
+    """The authors' extraction: the first ``<answer>`` block with non-empty content free of ``<``; else None."""
+    match = _AUTHORS_ANSWER_RE.search(response)
+    return match.group(1) if match else None
+
+
+def accuracy_reward(response: str, ground_truth: Any, strict_format: bool = False) -> float:
+    """1.0 iff the graded answer block (``first_answer``, or ``extract_answer`` when strict) matches the truth."""
+    answer = extract_answer(response) if strict_format else first_answer(response)
     if answer is None or ground_truth is None:
         return 0.0
     truths = ground_truth if isinstance(ground_truth, list | tuple) else [ground_truth]

@@ -3,15 +3,17 @@
     python -m calibrl_verl.smoke run --out outputs/tiny_cpu [--steps 3] [--loss-mode calibrl] [hydra overrides]
         [--family qwen3_vl]   (the tiny Qwen3-VL instead of the tiny Qwen2.5-VL)
         [--family text]       (the tiny text-only Qwen2 on the text task: calibrl_verl.tiny.text_task)
-    python -m calibrl_verl.smoke check outputs/tiny_cpu/calibrl/metrics.jsonl --steps 3 --loss-mode calibrl
+    python -m calibrl_verl.smoke check outputs/tiny_cpu/calibrl/metrics.jsonl --steps 3 --loss-mode calibrl \
+        [--dump-dir outputs/tiny_cpu/calibrl/dump [the run's hydra overrides]]
 
 ``run`` builds the tiny model and data if missing (``calibrl_verl.tiny``), launches
 ``python -m calibrl_verl.main_calibrl`` (verl's real trainer: Ray, TransferQueue, FSDP2 engine worker, agent
 loop, verl's vLLM rollout server and weight sync, reward loop) with verl's file logger and a timeout, and draws
 the curves. ``--device cpu`` (default) adds the CPU backend (``calibrl_verl.cpu``: vLLM's CPU build, gloo);
 ``--device gpu`` runs the same recipe on one GPU (``recipes/gpu_smoke.sh``): the launcher and the checks are the
-same, only the overrides differ. ``check`` reads the metrics and prints one PASS/FAIL line per property; it exits
-non-zero on any FAIL.
+same, only the overrides differ. ``run`` dumps every step (``calibrl.dump_dir``, default ``<out>/<loss mode>/dump``).
+``check`` reads the metrics (and with ``--dump-dir`` recomputes every step from its dump: ``dump_check``) and
+prints one PASS/FAIL line per property; it exits non-zero on any FAIL.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calibrl_verl import tiny
+from calibrl_verl import dump_check, tiny
 
 N_ONPOLICY = 4
 PROMPTS_PER_STEP = 4
@@ -49,14 +52,13 @@ def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, de
     A checkpoint is saved every ``save_freq`` steps (default: at the last step only). ``family="text"``: the
     text-only model (no processor) on the text task's rows, which have no images.
     """
-    n = N_ONPOLICY + (0 if loss_mode == "grpo" else 1)
     text = family == "text"
     args = [
         f"data.train_files={tiny.train_files(assets)}", f"data.val_files={tiny.val_files(assets)}",
         "data.image_key=images", f"data.train_batch_size={PROMPTS_PER_STEP}", "data.max_prompt_length=512",
         "data.max_response_length=48", "data.shuffle=false",
         f"actor_rollout_ref.model.path={tiny.text_model_dir(assets) if text else tiny.model_dir(assets)}",
-        f"actor_rollout_ref.rollout.n={n}", "actor_rollout_ref.rollout.temperature=1.0",
+        f"calibrl.n_onpolicy={N_ONPOLICY}", "actor_rollout_ref.rollout.temperature=1.0",
         "actor_rollout_ref.rollout.calculate_log_probs=true",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS_PER_STEP}",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
@@ -218,9 +220,16 @@ def read_steps(path: Path) -> list[dict]:
             or "actor/pg_loss" in r["data"]]
 
 
-def check(path: Path, steps: int, loss_mode: str, every_group_guided: bool = True) -> list[tuple[bool, str]]:
+def check(path: Path, steps: int, loss_mode: str, every_group_guided: bool = True, dump_dir: Path | None = None,
+          overrides: Sequence[str] = ()) -> list[tuple[bool, str]]:
     """The smoke properties, each (ok, description). ``every_group_guided=False`` for a run whose mixing policy
-    leaves some groups without their expert (``calibrl.mix_policy=random|pass_rate``)."""
+    leaves some groups without their expert (``calibrl.mix_policy=random|pass_rate``).
+
+    With ``dump_dir`` (the launch's ``calibrl.dump_dir``) every logged step is also recomputed from its dump
+    (``dump_check``: which groups use their expert, advantages, expert baseline, the tokens the update counts, and
+    the logged guide / expert-token loss); ``overrides`` are the launch's Hydra overrides, which give the settings
+    that recomputation needs. LUFFY / RL-PLUS need the dump: their expert-token loss is checked only that way.
+    """
     data = read_steps(path)
     results = [(len(data) == steps, f"{len(data)} training steps logged (expected {steps})")]
     last = data[-1] if data else {}
@@ -238,10 +247,15 @@ def check(path: Path, steps: int, loss_mode: str, every_group_guided: bool = Tru
                  f"groups using their expert, every step: {fractions}"),
                 ("calibrl/expert_reward_mean" in last,
                  f"expert reward logged: {last.get('calibrl/expert_reward_mean')}")]
+    if dump_dir is not None:
+        settings = dump_check.RunSettings.from_overrides([f"calibrl.loss_mode={loss_mode}", *overrides])
+        results += dump_check.check_run(Path(dump_dir), data, settings)
     if loss_mode in ("luffy", "rlplus"):
         shaped = [d.get(f"calibrl/{loss_mode}_expert_loss", float("nan")) for d in data]
         results.append((all(math.isfinite(v) for v in shaped) and any(v != 0 for v in shaped),
                         f"expert tokens trained off-policy, loss finite and non-zero: {shaped}"))
+        if dump_dir is None:  # a sign flip or a wrong denominator would pass the line above
+            results.append((False, "no step dump (calibrl.dump_dir) to recompute the expert-token loss from"))
         return results
     guide = [d.get("calibrl/guide_loss", float("nan")) for d in data]
     gate = [d.get("calibrl/gate_full_frac", float("nan")) for d in data]
@@ -269,12 +283,17 @@ def _main(argv: list[str] | None = None) -> int:
     c.add_argument("metrics", type=Path)
     c.add_argument("--steps", type=int, required=True)
     c.add_argument("--loss-mode", default="calibrl")
+    c.add_argument("--dump-dir", type=Path, default=None,
+                   help="the run's calibrl.dump_dir: recompute every step from it (pass the run's overrides too)")
     args, extra = parser.parse_known_args(argv)
     if args.cmd == "run":
+        if not any(item.lstrip("+").startswith("calibrl.dump_dir=") for item in extra):
+            extra.append(f"calibrl.dump_dir={args.out.resolve() / args.loss_mode / 'dump'}")
         metrics = run(args.out, args.steps, args.loss_mode, args.device, extra, family=args.family)
         print(f"metrics: {metrics}\ncurves:  {metrics.parent / 'curves.png'}")
-        args = argparse.Namespace(metrics=metrics, steps=args.steps, loss_mode=args.loss_mode)
-    results = check(args.metrics, args.steps, args.loss_mode)
+        dump = next(item.partition("=")[2] for item in extra if item.lstrip("+").startswith("calibrl.dump_dir="))
+        args = argparse.Namespace(metrics=metrics, steps=args.steps, loss_mode=args.loss_mode, dump_dir=Path(dump))
+    results = check(args.metrics, args.steps, args.loss_mode, dump_dir=args.dump_dir, overrides=extra)
     for ok, text in results:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     return 0 if all(ok for ok, _ in results) else 1

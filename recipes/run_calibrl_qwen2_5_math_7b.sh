@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CalibRL on Qwen2.5-Math-7B, text-only math reasoning: the paper's setting (SPEC section 7: 480
+# CalibRL on Qwen2.5-Math-7B, text-only math reasoning: the paper's setting (docs/algorithm.md §7: 480
 # prompts/step, PPO mini-batch 120 prompts, lr 1e-6 constant, 10 samples at T = 1.0 + 1 expert row per prompt, no
 # KL, no entropy bonus, grad clip 1.0, 1 epoch, 8 GPUs) on OpenR1-Math with DeepSeek-R1 traces as the experts;
 # prompts up to 1024 and responses up to 3072 tokens (the model's 4096-token context), vLLM TP 1.

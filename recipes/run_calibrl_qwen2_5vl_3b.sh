@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CalibRL on Qwen2.5-VL-3B-Instruct: the 7B recipe (SPEC section 7) with vLLM TP 1 and smaller static
+# CalibRL on Qwen2.5-VL-3B-Instruct: the 7B recipe (docs/algorithm.md §7) with vLLM TP 1 and smaller static
 # micro batches.
 #
 #   bash recipes/run_calibrl_qwen2_5vl_3b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CalibRL on Qwen2.5-VL-7B-Instruct: the authors' 7B setting (SPEC section 7). 480 prompts/step, PPO
+# CalibRL on Qwen2.5-VL-7B-Instruct: the authors' 7B setting (docs/algorithm.md §7). 480 prompts/step, PPO
 # mini-batch 120 prompts, lr 1e-6 constant, 10 samples at T = 1.0 + 1 expert row per prompt, prompts up to
 # 20480 and responses up to 4096 tokens, no KL, no entropy bonus, grad clip 1.0, 1 epoch, 8 GPUs, vLLM TP 2,
 # validation every 5 steps.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CalibRL on Qwen3-VL-4B-Instruct: the paper's 7B setting (SPEC section 7) as in the Qwen3-VL-8B recipe, with
+# CalibRL on Qwen3-VL-4B-Instruct: the paper's 7B setting (docs/algorithm.md §7) as in the Qwen3-VL-8B recipe, with
 # vLLM TP 1 (8 rollout replicas) and the 7B's static micro batches.
 #
 #   bash recipes/run_calibrl_qwen3vl_4b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GRPO baseline (SPEC section 3) on Qwen2.5-Math-7B, text-only math reasoning: verl's own GRPO path, no
+# GRPO baseline (docs/algorithm.md §3) on Qwen2.5-Math-7B, text-only math reasoning: verl's own GRPO path, no
 # expert rows and no guide term; same data, reward, batch sizes, optimiser and rollout budget (10 samples per
 # prompt) as the CalibRL text recipe.
 # Data: TRAIN_FILES / VAL_FILES default to the recipe's text data (<repo>/data/openr1_math/train.parquet,

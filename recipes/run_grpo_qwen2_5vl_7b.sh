@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GRPO baseline (SPEC section 3) on Qwen2.5-VL-7B-Instruct: verl's own GRPO path, no expert rows and no
+# GRPO baseline (docs/algorithm.md §3) on Qwen2.5-VL-7B-Instruct: verl's own GRPO path, no expert rows and no
 # guide term; same data, reward, batch sizes, optimiser and rollout budget (10 samples per prompt) as CalibRL.
 #
 #   bash recipes/run_grpo_qwen2_5vl_7b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LUFFY baseline (SPEC section 3) on Qwen2.5-Math-7B, text-only math reasoning: the expert row is trained
+# LUFFY baseline (docs/algorithm.md §3) on Qwen2.5-Math-7B, text-only math reasoning: the expert row is trained
 # on off-policy; same data, reward, batch sizes, optimiser and rollout budget as the CalibRL text recipe.
 # Data: TRAIN_FILES / VAL_FILES default to the recipe's text data (<repo>/data/openr1_math/train.parquet,
 # <repo>/data/math500/test.parquet); README "Text-only reasoning" prepares them.

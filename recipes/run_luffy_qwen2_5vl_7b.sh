@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LUFFY baseline (SPEC section 3) on Qwen2.5-VL-7B-Instruct: the expert row is trained on off-policy
+# LUFFY baseline (docs/algorithm.md §3) on Qwen2.5-VL-7B-Instruct: the expert row is trained on off-policy
 # (per expert token -A_e p/(p + 0.1), no clipping); same data and budget as the CalibRL 7B recipe.
 #
 #   bash recipes/run_luffy_qwen2_5vl_7b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)

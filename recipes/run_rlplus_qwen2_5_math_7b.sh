@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RL-PLUS baseline (SPEC section 3) on Qwen2.5-Math-7B, text-only math reasoning: expert tokens trained
+# RL-PLUS baseline (docs/algorithm.md §3) on Qwen2.5-Math-7B, text-only math reasoning: expert tokens trained
 # off-policy with RL-PLUS's weighting; same data, reward, batch sizes, optimiser and rollout budget as the CalibRL
 # text recipe.
 # Data: TRAIN_FILES / VAL_FILES default to the recipe's text data (<repo>/data/openr1_math/train.parquet,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RL-PLUS baseline (SPEC section 3) on Qwen3-VL-8B-Instruct: expert tokens trained with
+# RL-PLUS baseline (docs/algorithm.md §3) on Qwen3-VL-8B-Instruct: expert tokens trained with
 # -A p/(0.75 p_old + 0.25) (1 - p)^0.5; same data and budget as the CalibRL Qwen3-VL-8B recipe.
 #
 #   bash recipes/run_rlplus_qwen3vl_8b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)

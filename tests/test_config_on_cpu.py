@@ -1,4 +1,4 @@
-"""The calibrl: config section: SPEC §4 defaults, every validation error names its key."""
+"""The calibrl: config section: docs/algorithm.md §4 defaults, every validation error names its key."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_defaults_are_the_authors_code():
         "pass_threshold": 0.1, "gap": "token", "tail": "zero", "sequence_norm": "sum", "norm_adv_by_std": False,
         "mix_policy": "always", "mix_ratio": 1.0, "pass_rate_range": [0.0, 1.0], "warmup_grpo_steps": 0,
         "expert_overlong": "truncate", "seed": 0, "reward_guard": True, "seeded_rollouts": False,
-        "dump_dir": None,
+        "dump_dir": None, "n_onpolicy": 10, "allow_verl_mismatch": False,
     }
 
 
@@ -50,6 +50,10 @@ def test_from_omegaconf_node_with_overrides():
         ("norm_adv_by_std", "yes", "calibrl.norm_adv_by_std"),
         ("seeded_rollouts", 1, "calibrl.seeded_rollouts=1 must be true or false"),
         ("dump_dir", "  ", "calibrl.dump_dir='  ' must be null or a directory path"),
+        ("n_onpolicy", 0, "calibrl.n_onpolicy=0 must be an integer >= 1"),
+        ("n_onpolicy", 2.5, "calibrl.n_onpolicy=2.5 must be an integer >= 1"),
+        ("n_onpolicy", True, "calibrl.n_onpolicy=True must be an integer >= 1"),
+        ("allow_verl_mismatch", "yes", "calibrl.allow_verl_mismatch='yes' must be true or false"),
     ],
 )
 def test_invalid_values_fail_naming_the_key(key, value, needle):
@@ -74,6 +78,13 @@ def test_grpo_baseline_adds_no_expert_rows():
     assert cfg.n_expert == 0 and not cfg.needs_expert_column
     assert CalibRLConfig(loss_mode="grpo", experts_per_group=0).n_expert == 0
     assert CalibRLConfig(experts_per_group=2).n_expert == 2
+
+
+@pytest.mark.parametrize("kwargs,n", [({}, 11), ({"loss_mode": "grpo"}, 10), ({"loss_mode": "luffy"}, 11),
+                                      ({"n_onpolicy": 4, "experts_per_group": 2, "loss_mode": "rlplus"}, 6),
+                                      ({"n_onpolicy": 4, "experts_per_group": 2, "loss_mode": "grpo"}, 4)])
+def test_rollout_n_counts_the_on_policy_samples_and_the_mode_s_expert_rows(kwargs, n):
+    assert CalibRLConfig(**kwargs).rollout_n == n
 
 
 def test_warmup_is_counted_from_verl_step_one_and_must_fit_the_run():

@@ -1,4 +1,4 @@
-"""Hand-computed checks of every CalibRL equation in calibrl_verl.core_algos (SPEC.md §1, §3)."""
+"""Hand-computed checks of every CalibRL equation in calibrl_verl.core_algos (docs/algorithm.md §1, §3)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from calibrl_verl import core_algos as ca
+
+FLOOR = -20.0  # the specification's per-token log-prob floor (p < 2e-9 counts as 2e-9), written out here
 
 
 def _rewards(scores: list[float], length: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +102,42 @@ def test_expert_advantage_for_offpolicy_baselines():
     adv_n = ca.compute_expert_advantage(rewards, mask, index, is_expert, norm_adv_by_std=True)
     std = torch.tensor([1.0, 0.0, 0.0]).std().item()
     assert adv_n[3, 0].item() == pytest.approx((1.1 - 1 / 3) / (std + 1e-6), rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_expert_advantage_never_divides_by_a_zero_onpolicy_std(norm):
+    """LUFFY's rule (mix_core_alg.py, compute_grpo_outcome_advantage_split): on-policy statistics only, and a
+    group whose on-policy rewards are all equal gets std 1, so the expert row's advantage stays bounded."""
+    groups = {  # uid: (on-policy rewards, expert reward)
+        "zero": ([0.0, 0.0, 0.0], 1.1),  # the reported case: 1.1 / (0 + 1e-6) = 1.1e6 before the fix
+        "flat": ([1.1] * 10, 0.0),  # float32 gives these a std of ~1e-7, not 0
+        "normal": ([1.0, 0.0, 0.0, 0.1], 1.1),
+        "single": ([1.0], 0.1),  # one on-policy row: mean 0, std 1
+        "alone": ([], 1.1),  # no on-policy row: mean 0, std 1
+    }
+    scores, uids, expert = [], [], []
+    for uid, (onpolicy, r_e) in groups.items():
+        scores += onpolicy + [r_e]
+        uids += [uid] * (len(onpolicy) + 1)
+        expert += [False] * len(onpolicy) + [True]
+    rewards, mask = _rewards(scores)
+    adv = ca.compute_expert_advantage(rewards, mask, np.array(uids, dtype=object), torch.tensor(expert),
+                                      norm_adv_by_std=norm)
+    normal = [1.0, 0.0, 0.0, 0.1]
+    mean_n = sum(normal) / 4  # 0.275
+    std_n = math.sqrt(sum((x - mean_n) ** 2 for x in normal) / 3)  # unbiased: 0.48563...
+    if norm:
+        want = {"zero": 1.1 / (1 + 1e-6), "flat": -1.1 / (1 + 1e-6), "normal": (1.1 - mean_n) / (std_n + 1e-6),
+                "single": 0.1 / (1 + 1e-6), "alone": 1.1 / (1 + 1e-6)}
+    else:
+        want = {"zero": 1.1, "flat": -1.1, "normal": 1.1 - mean_n, "single": 0.1, "alone": 1.1}
+    expected = [want[u] if e else 0.0 for u, e in zip(uids, expert, strict=True)]
+    torch.testing.assert_close(adv[:, 0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert adv.abs().max() < 2.0
+    # CalibRL's own advantage is unchanged: all-equal groups give 0, expert rows give 0
+    own, _ = ca.compute_calibrl_advantage(rewards, mask, np.array(uids, dtype=object), torch.tensor(expert),
+                                          norm_adv_by_std=norm)
+    assert own[[i for i, u in enumerate(uids) if u in ("zero", "flat", "alone")]].abs().sum() == 0
 
 
 def test_correctness_prefers_acc_field_then_threshold():
@@ -195,10 +233,10 @@ def test_minus_inf_log_probs_are_floored_not_propagated():
         (grad,) = torch.autograd.grad(loss, log_prob)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
         assert all(math.isfinite(v) for v in m.values())
-    # the floored token's gap is exactly LOG_PROB_FLOOR - (-1)
+    # the floored token's gap is exactly -20 - (-1)
     loss, m = ca.compute_calibrl_guide_loss(log_prob[:, :1], expert[:, :1], torch.ones(1, 1).bool(),
                                             torch.ones(1, 1), torch.tensor([True]), torch.ones(1, 1))
-    assert m["gap_mean"] == pytest.approx(ca.LOG_PROB_FLOOR + 1.0)
+    assert m["gap_mean"] == pytest.approx(FLOOR + 1.0)
 
 
 def test_sequence_mode_is_the_papers_eq9():
@@ -365,9 +403,53 @@ def test_vectorised_advantage_equals_a_per_row_loop():
         assert adv[i, 0].item() == pytest.approx(want, abs=1e-5), i
 
 
+def test_vectorised_expert_advantage_equals_a_per_row_loop():
+    gen = torch.Generator().manual_seed(6)
+    n = 80
+    scores = (torch.randint(0, 2, (n,), generator=gen) + 0.1 * torch.randint(0, 2, (n,), generator=gen)).tolist()
+    is_expert = (torch.rand(n, generator=gen) > 0.7).tolist()
+    index = np.array([f"g{int(i)}" for i in torch.randint(0, 12, (n,), generator=gen)], dtype=object)
+    rewards, mask = _rewards(scores)
+    for norm in (False, True):
+        adv = ca.compute_expert_advantage(rewards, mask, index, torch.tensor(is_expert), norm_adv_by_std=norm)
+        for i in range(n):
+            vals = [scores[j] for j in range(n) if index[j] == index[i] and not is_expert[j]]
+            if len(vals) <= 1:
+                mean, std = 0.0, 1.0
+            elif max(vals) == min(vals):
+                mean, std = vals[0], 1.0
+            else:
+                mean = sum(vals) / len(vals)
+                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+            want = 0.0 if not is_expert[i] else (scores[i] - mean) / ((std + 1e-6) if norm else 1.0)
+            assert adv[i, 0].item() == pytest.approx(want, abs=1e-5), (norm, i)
+
+
 # ---------------------------------------------------------------------------------------------- fast path vs formula
 # compute_calibrl_guide_loss reduces per row and forms its gradient next to the loss (one backward pass). These
-# tests pin it, value, gradient and metrics, to SPEC §1.7 written op by op with autograd and verl's own agg_loss.
+# tests pin it, value, gradient and metrics, to docs/algorithm.md §1.7 written op by op with autograd and verl's
+# own agg_loss.
+def _reference_sequence_baseline(elp, emask, sequence_norm):
+    """S(l^e) of eq. 9 token by token: over ALL of the expert's tokens (not only those under the response), each
+    floored at -20; the sum, or the mean over the expert's own token count; 0 for a row without expert tokens."""
+    out = []
+    for row_lp, row_mask in zip(elp.float().tolist(), emask.bool().tolist(), strict=True):
+        tokens = [max(value, FLOOR) for value, on in zip(row_lp, row_mask, strict=True) if on]
+        total = sum(tokens)
+        out.append(total / len(tokens) if sequence_norm == "mean" and tokens else total)
+    return torch.tensor(out)
+
+
+def test_reference_sequence_baseline_hand_case():
+    """Pins the reference (and the code's own helper) to hand numbers: floor at -20, the mean over |e|."""
+    elp = torch.tensor([[-1.0, -30.0, -3.0, -7.0], [-2.0, float("-inf"), -1.0, -1.0], [-5.0, -5.0, -5.0, -5.0]])
+    emask = torch.tensor([[True, True, True, False], [True, True, True, True], [False] * 4])
+    for fn in (_reference_sequence_baseline, ca.expert_sequence_baseline):
+        torch.testing.assert_close(fn(elp, emask, "sum"), torch.tensor([-24.0, -24.0, 0.0]))
+        torch.testing.assert_close(fn(elp, emask, "mean"), torch.tensor([-8.0, -6.0, 0.0]))
+    assert ca.LOG_PROB_FLOOR == FLOOR
+
+
 def _reference_guide(lp, elp, emask, adv, correct, resp, *, alpha, gap, tail, sequence_norm, loss_agg_mode,
                      expert_baseline=None, dp_size=1, batch_num_tokens=None, global_batch_size=None,
                      loss_scale_factor=None):
@@ -375,8 +457,10 @@ def _reference_guide(lp, elp, emask, adv, correct, resp, *, alpha, gap, tail, se
 
     resp, emask = resp.bool(), emask.bool()
     has_expert = emask.any(-1)
-    lp = lp.float().clamp(min=ca.LOG_PROB_FLOOR)
-    elp = torch.where(emask, elp.float().clamp(min=ca.LOG_PROB_FLOOR), 0.0)  # tail zero: l^e = 0 past the expert
+    if expert_baseline is None:
+        expert_baseline = _reference_sequence_baseline(elp, emask, sequence_norm)
+    lp = lp.float().clamp(min=FLOOR)
+    elp = torch.where(emask, elp.float().clamp(min=FLOOR), 0.0)  # tail zero: l^e = 0 past the expert
     sign = correct.float() * 2 - 1
     rareness = adv.float().abs().amax(-1)
     weight = rareness * has_expert
@@ -393,8 +477,6 @@ def _reference_guide(lp, elp, emask, adv, correct, resp, *, alpha, gap, tail, se
         own = (lp * resp).sum(-1)
         if sequence_norm == "mean":
             own = own / resp.sum(-1).clamp(min=1)
-        if expert_baseline is None:
-            expert_baseline = ca.expert_sequence_baseline(elp, emask, sequence_norm)
         d = own - expert_baseline
         g = weight * torch.nn.functional.leaky_relu(-sign * d, alpha)
         n_resp = resp.any(-1).sum() if global_batch_size is None else global_batch_size
@@ -427,7 +509,7 @@ def _guide_inputs(seed: int, floored: bool, dtype: torch.dtype = torch.float32, 
     elp = -torch.rand(rows, length, generator=gen) * 3
     lp[8, 3] = elp[8, 3] = -1.5  # a token exactly at the expert: the gate's kink
     if floored:  # below the floor but finite (the floor's flag must see them), and -inf on the expert side
-        lp[0, 0], lp[4, 2], lp[6, 1], elp[7, 0] = -30.0, -25.0, ca.LOG_PROB_FLOOR, -float("inf")
+        lp[0, 0], lp[4, 2], lp[6, 1], elp[7, 0] = -30.0, -25.0, FLOOR, -float("inf")
     correct = torch.rand(rows, generator=gen) > 0.5
     correct[:2] = torch.tensor([True, False])
     baseline = -torch.rand(rows, generator=gen) * 20
@@ -462,12 +544,12 @@ def test_guide_inputs_reach_every_branch():
     zero, _ = _reference_guide(lp, elp, emask, adv, correct, resp, tail="zero", **kw)
     mask, _ = _reference_guide(lp, elp, emask, adv, correct, resp, tail="mask", **kw)
     assert not torch.isclose(zero, mask)
-    x = -(correct.float() * 2 - 1)[:, None] * (lp.clamp(min=ca.LOG_PROB_FLOOR) - torch.where(emask, elp, 0.0))
+    x = -(correct.float() * 2 - 1)[:, None] * (lp.clamp(min=FLOOR) - torch.where(emask, elp, 0.0))
     guided = resp & emask.any(-1, keepdim=True) & (adv != 0)
     assert (x[guided] > 0).any() and (x[guided] < 0).any() and (x[guided] == 0).any()
     assert resp[8].sum() == 1 and emask[8].any() and adv[8].abs().max() > 0  # the sequence gap's kink row
-    assert (lp < ca.LOG_PROB_FLOOR).any() and (emask & ~resp).any() and not resp[1].any()
-    assert (_guide_inputs(0, floored=False)[0] >= ca.LOG_PROB_FLOOR).all()
+    assert (lp < FLOOR).any() and (emask & ~resp).any() and not resp[1].any()
+    assert (_guide_inputs(0, floored=False)[0] >= FLOOR).all()
 
 
 @pytest.mark.parametrize("floored", [False, True])
@@ -539,12 +621,12 @@ def test_offpolicy_token_losses_match_their_formulas(dtype):
     lp, old, adv = lp.to(dtype), old.to(dtype), adv.to(dtype)
 
     def luffy(x):
-        p = torch.exp(x.float().clamp(min=ca.LOG_PROB_FLOOR))
+        p = torch.exp(x.float().clamp(min=FLOOR))
         return (-adv.float() * p / (p + 0.1)).to(dtype)
 
     def rlplus(x):
-        p = torch.exp(x.float().clamp(min=ca.LOG_PROB_FLOOR))
-        p_old = torch.exp(old.float().clamp(min=ca.LOG_PROB_FLOOR))
+        p = torch.exp(x.float().clamp(min=FLOOR))
+        p_old = torch.exp(old.float().clamp(min=FLOOR))
         explore = (1.0 - p.detach()).clamp(min=0.0) ** 0.5
         return (-adv.float() * p / (0.75 * p_old + 0.25) * explore).to(dtype)
 

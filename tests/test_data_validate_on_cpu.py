@@ -250,3 +250,20 @@ def test_cli_exit_codes(base_rows, tmp_path, capsys):
     assert "ERROR ground_truth_missing: 6" in captured.out and str(bad) in captured.err
     assert main([str(no_expert)]) == 1
     assert main([str(no_expert), "--no-expert"]) == 0
+
+
+def test_a_list_of_expert_traces_is_checked_trace_by_trace(base_rows, tmp_path, tokenizer):
+    """Several traces per problem (experts_per_group > 1): each is checked, a finding names its place in the list;
+    an empty list is a missing expert."""
+    def several(rows):
+        good = rows[0]["solution"]
+        for row in rows:
+            row["solution"] = [row["solution"], good]
+        rows[2]["solution"] = [good, "The answer is 2."]
+        rows[3]["solution"] = []
+
+    path = corrupt(base_rows, tmp_path, several)
+    report = validate_parquet(path, tokenizer=tokenizer, max_response_tokens=512)
+    assert report.counts == {"expert_bad_format": 1, "expert_missing": 1}
+    assert_names(str(report.examples["expert_bad_format"][0]), path, 2, "solution[1]")
+    assert_names(str(report.examples["expert_missing"][0]), path, 3, "solution")

@@ -118,10 +118,10 @@ def test_score_rows_uses_the_training_reward() -> None:
         "The answer is <answer>3</answer>",  # correct, no think block
         "<think>..</think><answer>(B) 12</answer>",  # multiple choice by letter
         "<think>..</think><answer>0.5</answer>",  # numeric equivalence
-        "<think>..</think><answer>3</answer><answer>4</answer>",  # two answers: never rewarded
+        "<think>..</think><answer>4</answer><answer>3</answer>",  # two answers: the authors' rules grade the first
     ]
     scores = evaluate.score_rows(responses, rows)
-    assert [(s["acc"], s["format"]) for s in scores] == [(1.0, 1.0), (1.0, 0.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0)]
+    assert [(s["acc"], s["format"]) for s in scores] == [(1.0, 1.0), (1.0, 0.0), (1.0, 1.0), (1.0, 1.0), (0.0, 1.0)]
     assert scores[0]["score"] == pytest.approx(1.1)
     with pytest.raises(ValueError, match="2 responses for 1 rows"):
         evaluate.score_rows(["a", "b"], rows[:1])

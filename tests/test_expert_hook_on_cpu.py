@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -16,7 +17,13 @@ from verl.experimental.agent_loop.agent_loop import DictConfigWrap
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
-from calibrl_verl.integration.agent_loop import CalibRLAgentLoop, ExpertServer, expert_token_ids, request_seed
+from calibrl_verl.data.expert_column import expert_traces
+from calibrl_verl.integration.agent_loop import (
+    CalibRLAgentLoop,
+    ExpertServer,
+    expert_token_ids,
+    request_seed,
+)
 from calibrl_verl.main_calibrl import prepare_config
 from calibrl_verl.tiny.models import build_processor, build_tokenizer
 from calibrl_verl.tiny.task import make_items, tokenizer_corpus, write_parquet
@@ -50,7 +57,7 @@ def assets(tmp_path_factory) -> dict:
 def _config(*overrides: str):
     with initialize_config_module("calibrl_verl.config", version_base=None):
         cfg = compose("calibrl_trainer", overrides=["data.max_prompt_length=512", "data.max_response_length=64",
-                                                    "actor_rollout_ref.rollout.n=3", *overrides])
+                                                    "calibrl.n_onpolicy=2", *overrides])
     prepare_config(cfg)
     return cfg
 
@@ -154,3 +161,25 @@ def test_request_seed_tells_images_with_the_same_prompt_tokens_apart():
     assert request_seed(0, 1, 0, prompt, [red]) == request_seed(0, 1, 0, prompt, [red.copy()])
     assert request_seed(0, 1, 0, prompt, [red]) != request_seed(0, 1, 0, prompt, [blue])
     assert request_seed(0, 1, 0, prompt, None) != request_seed(0, 1, 0, [1, 2, 4], None)
+
+
+def test_each_expert_session_answers_with_its_own_drawn_trace(assets):
+    """k = 2: sessions n_onpolicy and n_onpolicy + 1 answer with the trainer's two drawn traces (columns
+    calibrl_expert_0 / _1), not twice the same one; without those columns a list column is read in order."""
+    cfg = _config("calibrl.experts_per_group=2")
+    item = _item(assets, cfg)
+    tok = assets["tokenizer"]
+    traces = ["<think>one</think><answer>1</answer>", "<think>two two</think><answer>2</answer>"]
+    drawn = {"calibrl_expert_0": traces[1], "calibrl_expert_1": traces[0]}
+    got = [_run(assets, cfg, {**item, **drawn}, session_id=s, expert=True)[0].response_ids for s in (2, 3)]
+    assert got == [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in (traces[1], traces[0])]
+    listed = [_run(assets, cfg, {**item, "solution": traces}, session_id=s, expert=True)[0].response_ids
+              for s in (2, 3)]
+    assert listed == [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in traces]
+
+
+def test_expert_traces_reads_one_trace_or_a_list_and_drops_empty_ones():
+    assert expert_traces("a") == ["a"]
+    assert expert_traces(["a", " ", "", None, "b"]) == ["a", "b"]
+    assert expert_traces(np.array(["x", "y"], dtype=object)) == ["x", "y"]
+    assert expert_traces(None) == [] and expert_traces("  ") == []

@@ -103,6 +103,8 @@ class FakeOpenAI:
         truth = self.truths[problem]
         if action == "right":
             return completion(f"<think>Measure {problem} carefully.</think><answer>{truth}</answer>")
+        if action == "other":  # a second, different correct solution
+            return completion(f"<think>Another way to {problem}.</think><answer>{truth}</answer>")
         if action == "wrong":
             return completion("<think>A quick guess.</think><answer>999.5</answer>")
         if action == "plain":
@@ -450,6 +452,32 @@ def test_existing_solutions_overwrite_and_limit(tmp_path: Path) -> None:
         assert rows[1]["solution_model"] == SERVED_MODEL
     finally:
         server.stop()
+
+
+def test_keep_all_takes_every_sample_and_keeps_each_distinct_verified_trace(tmp_path: Path) -> None:
+    """--keep all: a problem is sampled --samples times (no stop at the first verified one); ``solution`` is the list
+    of distinct verified traces (repeats kept once), a kept row's single trace becomes a list of one, and the output
+    passes the data checks as a multi-expert column. A re-run sends nothing."""
+    from calibrl_verl.data.validate import validate_parquet
+
+    scripts = {"P0": ["right", "wrong", "other", "right"], "P1": ["wrong"], "P2": ["right"]}
+    server = FakeOpenAI(scripts, {name: truth_of(i) for i, name in enumerate(scripts)})
+    data = write_rows(make_rows(scripts, solutions={"P2": EXISTING}), tmp_path / "in.parquet")
+    out = tmp_path / "all.parquet"
+    try:
+        summary = run_cli(data, out, server, "--samples", "4", "--keep", "all")
+        assert (server.count("P0"), server.count("P1"), server.count("P2")) == (4, 4, 0)
+        run_cli(data, out, server, "--samples", "4", "--keep", "all")
+        assert server.count() == 8  # settled problems are not sent again
+    finally:
+        server.stop()
+    rows = table(out)
+    assert rows[0]["solution"] == [f"<think>Measure P0 carefully.</think><answer>{truth_of(0)}</answer>",
+                                   f"<think>Another way to P0.</think><answer>{truth_of(0)}</answer>"]
+    assert rows[1]["solution"] == [] and rows[2]["solution"] == [EXISTING]
+    assert [r["failure_reason"] for r in table(tmp_path / "all.failures.parquet")] == ["all 4 samples wrong"]
+    assert summary["keep"] == "all" and summary["traces"] == 3
+    assert validate_parquet(out).counts == {"expert_missing": 1}
 
 
 def test_a_failures_file_feeds_a_second_teacher_on_the_same_cache(tmp_path: Path) -> None:

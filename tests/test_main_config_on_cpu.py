@@ -50,7 +50,9 @@ def test_hydra_overrides_reach_the_validated_section_and_verl_keys():
 def test_bad_values_stop_before_anything_starts():
     with pytest.raises(CalibRLConfigError, match="calibrl.alpha"):
         prepare_config(_compose("calibrl.alpha=2"))
-    with pytest.raises(CalibRLConfigError, match=r"rollout.n=1 counts on-policy samples"):
+    with pytest.raises(CalibRLConfigError, match=r"calibrl.n_onpolicy=0 must be an integer >= 1"):
+        prepare_config(_compose("calibrl.n_onpolicy=0"))
+    with pytest.raises(CalibRLConfigError, match=r"actor_rollout_ref.rollout.n=1 disagrees"):
         prepare_config(_compose("actor_rollout_ref.rollout.n=1"))
     with pytest.raises(CalibRLConfigError, match="warmup_grpo_steps=5 >= the run's 5"):
         prepare_config(_compose("calibrl.warmup_grpo_steps=5", "trainer.total_training_steps=5"))
@@ -62,10 +64,96 @@ def test_rollout_correction_bypass_mode_is_refused_where_expert_old_log_probs_ar
     with pytest.raises(CalibRLConfigError, match=r"algorithm.rollout_correction.bypass_mode=true cannot run "
                                                  rf"calibrl.loss_mode='{mode}'.*bypass_mode=false"):
         prepare_config(cfg)
-    grpo = _compose("calibrl.loss_mode=grpo", "actor_rollout_ref.rollout.n=4",
+    grpo = _compose("calibrl.loss_mode=grpo", "calibrl.n_onpolicy=4",
                     "algorithm.rollout_correction.bypass_mode=true")
     prepare_config(grpo)  # no expert rows: verl's own bypass mode stays available to the GRPO baseline
     assert grpo.algorithm.adv_estimator == "grpo"
+
+
+# rollout.n follows from calibrl.n_onpolicy: on-policy samples + expert rows (calibrl.experts_per_group, none
+# for grpo). Expected values by hand: (overrides, rollout.n).
+ROLLOUT_N = [
+    ([], 11), (["calibrl.loss_mode=grpo"], 10), (["calibrl.loss_mode=luffy"], 11), (["calibrl.loss_mode=rlplus"], 11),
+    (["calibrl.n_onpolicy=4"], 5), (["calibrl.n_onpolicy=4", "calibrl.loss_mode=grpo"], 4),
+    (["calibrl.n_onpolicy=4", "calibrl.experts_per_group=2", "calibrl.loss_mode=luffy"], 6),
+    (["calibrl.n_onpolicy=4", "calibrl.experts_per_group=2", "calibrl.loss_mode=grpo"], 4),
+    (["calibrl.n_onpolicy=1", "calibrl.experts_per_group=0", "calibrl.loss_mode=grpo"], 1),
+]
+
+
+@pytest.mark.parametrize("overrides,n", ROLLOUT_N)
+def test_rollout_n_is_the_on_policy_count_plus_the_mode_s_expert_rows(overrides, n):
+    cfg = _compose(*overrides)
+    assert OmegaConf.is_interpolation(cfg.actor_rollout_ref.rollout, "n")  # derived by the calibrl_rollout_n resolver
+    assert cfg.actor_rollout_ref.rollout.n == n
+    prepare_config(cfg)
+    # a plain int from here on: verl's TaskRunner resolves the config in a process that may lack the resolver
+    assert OmegaConf.to_container(cfg.actor_rollout_ref.rollout)["n"] == n
+    assert "calibrl_rollout_n" not in OmegaConf.to_yaml(cfg)
+
+
+def test_grpo_on_a_calibrl_config_samples_calibrl_s_on_policy_rows():
+    """The baseline's budget: calibrl.loss_mode=grpo alone gives 10 on-policy rows, as CalibRL samples 10 + 1."""
+    cfg = _compose("calibrl.loss_mode=grpo")
+    prepare_config(cfg)
+    assert cfg.actor_rollout_ref.rollout.n == 10
+
+
+@pytest.mark.parametrize("overrides,n", [(["calibrl.loss_mode=grpo", "actor_rollout_ref.rollout.n=10"], 10),
+                                         (["actor_rollout_ref.rollout.n=11"], 11),
+                                         (["calibrl.n_onpolicy=4", "actor_rollout_ref.rollout.n=5"], 5)])
+def test_an_explicit_rollout_n_that_agrees_is_accepted(overrides, n):
+    cfg = _compose(*overrides)
+    prepare_config(cfg)
+    assert cfg.actor_rollout_ref.rollout.n == n
+
+
+def test_an_explicit_rollout_n_that_disagrees_is_refused_naming_both_keys():
+    with pytest.raises(CalibRLConfigError) as err:
+        prepare_config(_compose("calibrl.loss_mode=grpo", "actor_rollout_ref.rollout.n=11"))
+    assert str(err.value) == (
+        "actor_rollout_ref.rollout.n=11 disagrees with calibrl.n_onpolicy=10 on-policy samples + 0 expert rows "
+        "(calibrl.loss_mode='grpo' adds none) = 10: rollout.n follows from calibrl.n_onpolicy; drop the "
+        "actor_rollout_ref.rollout.n override, or set calibrl.n_onpolicy=11 for 11 on-policy samples")
+    with pytest.raises(CalibRLConfigError) as err:
+        prepare_config(_compose("actor_rollout_ref.rollout.n=5"))
+    assert str(err.value) == (
+        "actor_rollout_ref.rollout.n=5 disagrees with calibrl.n_onpolicy=10 on-policy samples + 1 expert rows "
+        "(calibrl.experts_per_group=1) = 11: rollout.n follows from calibrl.n_onpolicy; drop the "
+        "actor_rollout_ref.rollout.n override, or set calibrl.n_onpolicy=4 for 4 on-policy samples")
+    with pytest.raises(CalibRLConfigError, match=r"rollout.n=1 disagrees .* = 11: rollout.n follows from "
+                                                 r"calibrl.n_onpolicy; drop the actor_rollout_ref.rollout.n override$"):
+        prepare_config(_compose("actor_rollout_ref.rollout.n=1"))  # no on-policy count would give 1
+
+
+def test_a_verl_release_other_than_the_wrappers_is_refused_unless_allowed(monkeypatch, capsys):
+    from calibrl_verl.integration import stage_io
+    from calibrl_verl.integration.stage_io import VerlDriftError
+
+    monkeypatch.setattr(stage_io, "installed_verl_version", lambda: "0.10.0")
+    with pytest.raises(VerlDriftError, match=r"verl 0.10.0 is installed.*written against verl 0.9.1.*pip install "
+                                             r"'verl==0.9.1'.*calibrl.allow_verl_mismatch=true"):
+        prepare_config(_compose())
+    cfg = _compose("calibrl.allow_verl_mismatch=true")
+    assert prepare_config(cfg).allow_verl_mismatch is True
+    assert "[calibrl] warning: verl 0.10.0 is installed" in capsys.readouterr().err
+    monkeypatch.setattr(stage_io, "installed_verl_version", lambda: "0.9.1")
+    prepare_config(_compose())
+    assert capsys.readouterr().err == ""
+
+
+def test_a_verl_release_mismatch_stops_the_launch_with_its_message(monkeypatch, tmp_path):
+    import calibrl_verl.main_calibrl as entry
+    from calibrl_verl.integration import stage_io
+
+    monkeypatch.setattr(stage_io, "installed_verl_version", lambda: "0.10.0")
+    monkeypatch.setattr(sys, "argv", ["main_calibrl"])
+    monkeypatch.setattr(entry, "_dry_run", False)  # restored after the test: cli() sets it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        entry.cli(["--dry-run"])
+    assert str(exit_.value).startswith("error: verl's release differs") and "verl 0.10.0 is installed" in str(
+        exit_.value)  # the message, not a traceback
 
 
 def test_register_env_is_forwarded_to_ray_workers():
@@ -152,7 +240,7 @@ def test_mini_batch_split_counts_rows_per_mode_and_data_parallel_ranks():
         check_batch_split(_split_config(8, 11, 2, batch=6, sp=2), CalibRLConfig(loss_mode="luffy"))
     # CalibRL: the size named also splits the on-policy rows (n = 6: 6 rows and 5 on-policy rows over 4 GPUs)
     with pytest.raises(CalibRLConfigError, match=r"ppo_mini_batch_size=4 \(it divides data.train_batch_size=8\)"):
-        check_batch_split(_split_config(4, 6, 1, batch=8), CalibRLConfig())
+        check_batch_split(_split_config(4, 6, 1, batch=8), CalibRLConfig(n_onpolicy=5))
     with pytest.raises(CalibRLConfigError, match=r"choose data.train_batch_size and actor_rollout_ref.actor."
                                                  r"ppo_mini_batch_size so that prompts x 11 is divisible by 16"):
         check_batch_split(_split_config(8, 11, 3, batch=3, nnodes=2), CalibRLConfig())

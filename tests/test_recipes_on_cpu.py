@@ -49,7 +49,7 @@ TEXT_RECIPES = {
     "calibrl_qwen2_5_math_7b": ("calibrl", 11), "grpo_qwen2_5_math_7b": ("grpo", 10),
     "luffy_qwen2_5_math_7b": ("luffy", 11), "rlplus_qwen2_5_math_7b": ("rlplus", 11),
 }  # fmt: skip
-# The paper's setting (SPEC section 7), shared by every recipe: same data and budget for the baselines.
+# The paper's setting (docs/algorithm.md §7), shared by every recipe: same data and budget for the baselines.
 SPEC7 = {
     "data.train_batch_size": 480, "actor_rollout_ref.actor.ppo_mini_batch_size": 120,
     "actor_rollout_ref.actor.optim.lr": 1e-6, "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",
@@ -62,7 +62,7 @@ SPEC7 = {
     "actor_rollout_ref.actor.clip_ratio_c": 3.0, "actor_rollout_ref.actor.loss_agg_mode": "token-mean",
     "calibrl.alpha": 0.5, "calibrl.guide_coef": 0.1, "calibrl.expert_key": "solution",
     "calibrl.experts_per_group": 1, "calibrl.gap": "token", "calibrl.tail": "zero", "calibrl.norm_adv_by_std": False,
-    "calibrl.mix_policy": "always", "calibrl.pass_rate_range": [0.0, 1.0],
+    "calibrl.mix_policy": "always", "calibrl.pass_rate_range": [0.0, 1.0], "calibrl.n_onpolicy": 10,
     "trainer.logger": ["console", "tensorboard"], "trainer.project_name": "calibrl",
 }  # fmt: skip
 DATA = "/fixture"  # where the legacy fixture's data files were (any path: only the recipes' own keys differ)
@@ -164,6 +164,31 @@ def test_model_and_method_swap_from_the_command_line() -> None:
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
     assert cfg.calibrl.loss_mode == "grpo" and cfg.actor_rollout_ref.rollout.n == 10
+
+
+@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES) + sorted(TEXT_RECIPES))
+@pytest.mark.parametrize("mode", ["calibrl", "grpo", "luffy", "rlplus"])
+def test_a_loss_mode_override_keeps_the_ten_on_policy_samples(recipe: str, mode: str) -> None:
+    """calibrl.loss_mode=grpo on a CalibRL recipe samples 10 rows, not CalibRL's 10 + 1 (and the reverse)."""
+    cfg = compose_recipe(recipe, [f"calibrl.loss_mode={mode}"])
+    prepare_config(cfg)
+    assert cfg.actor_rollout_ref.rollout.n == (10 if mode == "grpo" else 11)
+
+
+@pytest.mark.parametrize("method", ["calibrl", "grpo", "luffy", "rlplus"])
+def test_method_files_leave_the_rollout_budget_to_calibrl_n_onpolicy(method: str) -> None:
+    doc = yaml.safe_load((RECIPES / "methods" / f"{method}.yaml").read_text())
+    assert doc == {"calibrl": {"loss_mode": method}}
+
+
+def test_an_explicit_rollout_n_against_the_mode_is_refused() -> None:
+    """The README's CalibRL example (rollout.n=11) with loss_mode=grpo: 11 on-policy rows would be a bigger budget."""
+    from calibrl_verl.config import CalibRLConfigError
+
+    cfg = compose_recipe("calibrl_qwen2_5vl_7b", ["calibrl.loss_mode=grpo", "actor_rollout_ref.rollout.n=11"])
+    with pytest.raises(CalibRLConfigError, match=r"actor_rollout_ref.rollout.n=11 disagrees with calibrl.n_onpolicy"
+                                                 r"=10 .* set calibrl.n_onpolicy=11 for 11 on-policy samples"):
+        prepare_config(cfg)
 
 
 @pytest.mark.parametrize(("recipe", "base"), [("calibrl_qwen3vl_8b", "calibrl_qwen2_5vl_7b"),

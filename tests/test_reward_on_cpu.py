@@ -1,4 +1,4 @@
-"""CalibRL reward: r = acc + 0.1 * format, graded on the single <answer> block."""
+"""CalibRL reward: r = acc + 0.1 * format; the authors' format/extraction rules by default, ours when strict."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def wrap(answer: str, think: str = "Let me work it out step by step.") -> str:
     return f"<think>{think}</think>\n<answer>{answer}</answer>"
 
 
-def score(response: object, ground_truth: object) -> dict:
-    return compute_score("geometry3k", response, ground_truth, extra_info={"index": 0})
+def score(response: object, ground_truth: object, strict_format: bool = False) -> dict:
+    return compute_score("geometry3k", response, ground_truth, extra_info={"index": 0}, strict_format=strict_format)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -61,6 +61,93 @@ def test_format_rejects_malformed(response: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the authors' rules (default) against the strict rules (strict_format=True): every case where they differ
+# --------------------------------------------------------------------------------------------------------------------
+
+AUTHORS_VS_STRICT = [
+    # (response, ground truth, authors' (acc, format), strict (acc, format))
+    # any text between </think> and <answer> is allowed by the authors' format
+    ("<think>r</think> so the answer is <answer>5</answer>", "5", (1.0, 1.0), (1.0, 0.0)),
+    # several answer blocks: the authors grade the first one; strict grades none and rejects the format
+    ("<think>r</think><answer>5</answer><answer>6</answer>", "5", (1.0, 1.0), (0.0, 0.0)),
+    ("<think>r</think><answer>6</answer><answer>5</answer>", "5", (0.0, 1.0), (0.0, 0.0)),
+    # an answer block inside <think> comes first, so the authors grade it
+    ("<think>maybe <answer>5</answer></think><answer>6</answer>", "5", (1.0, 1.0), (0.0, 0.0)),
+    # an empty first block is skipped by the authors' pattern, the next one is graded
+    ("<think>r</think><answer></answer><answer>5</answer>", "5", (1.0, 1.0), (0.0, 0.0)),
+    # a second think block
+    ("<think>a</think><think>b</think><answer>5</answer>", "5", (1.0, 1.0), (1.0, 0.0)),
+    # the authors do not strip the response: outer whitespace costs the format reward
+    ("\n<think>r</think>\n<answer>5</answer>\n", "5", (1.0, 0.0), (1.0, 1.0)),
+    ("  <think>r</think><answer>5</answer>", "5", (1.0, 0.0), (1.0, 1.0)),
+    # the authors' pattern skips an answer that contains "<", so an inequality is never graded there
+    ("<think>r</think><answer>x<3</answer>", "x<3", (0.0, 1.0), (1.0, 1.0)),
+    ("<think>r</think><answer>x<3</answer><answer>x<4</answer>", "x<3", (0.0, 1.0), (0.0, 0.0)),
+]
+
+
+@pytest.mark.parametrize(("response", "ground_truth", "authors", "strict"), AUTHORS_VS_STRICT)
+def test_authors_rules_by_default_strict_rules_on_request(
+    response: str, ground_truth: str, authors: tuple[float, float], strict: tuple[float, float]
+) -> None:
+    for strict_format, (acc, fmt) in ((False, authors), (True, strict)):
+        expected = {"score": pytest.approx(acc + 0.1 * fmt), "acc": acc, "format": fmt}
+        assert score(response, ground_truth, strict_format=strict_format) == expected, (strict_format, response)
+    default = compute_score("geometry3k", response, ground_truth)
+    assert (default["acc"], default["format"]) == authors
+
+
+@pytest.mark.parametrize(
+    ("response", "authors", "strict"),
+    [
+        ("<think>r</think><answer>5</answer>", 1.0, 1.0),
+        ("<think>r</think> text <answer>5</answer>", 1.0, 0.0),
+        ("<think>a</think><think>b</think><answer>5</answer>", 1.0, 0.0),
+        ("<think>a <answer>4</answer></think><answer>5</answer>", 1.0, 0.0),
+        ("<think>r</think><answer>5</answer>\n", 0.0, 1.0),
+        ("<think>r</think><answer>5</answer> tail", 0.0, 0.0),
+        ("lead <think>r</think><answer>5</answer>", 0.0, 0.0),
+        ("<answer>5</answer><think>r</think>", 0.0, 0.0),
+        ("<think>r<answer>5</answer>", 0.0, 0.0),
+    ],
+)
+def test_format_helpers(response: str, authors: float, strict: float) -> None:
+    assert reward.authors_format_reward(response) == authors
+    assert reward.format_reward(response) == strict
+
+
+def test_answer_extraction_helpers() -> None:
+    assert reward.first_answer("<answer> 5 </answer><answer>6</answer>") == "5"
+    assert reward.first_answer("<answer>x<3</answer><answer>4</answer>") == "4"
+    assert reward.first_answer("<answer>x<3</answer>") is None
+    assert reward.first_answer("no tags") is None
+    assert reward.extract_answer("<answer> 5 </answer><answer>6</answer>") is None
+    assert reward.extract_answer("<answer>x<3</answer>") == "x<3"
+
+
+def test_strict_format_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="strict_format"):
+        compute_score("geometry3k", "<think>r</think><answer>5</answer>", "5", strict_format="false")
+
+
+def test_verl_passes_strict_format_from_reward_kwargs() -> None:
+    """The switch as a run sets it: verl's own loader merges reward.custom_reward_function.reward_kwargs."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    response = "<think>r</think><answer>5</answer><answer>6</answer>"
+    fns = {}
+    for strict in (False, True):
+        fn_cfg = {"path": "pkg://calibrl_verl.reward", "name": "compute_score", "reward_kwargs": {}}
+        if strict:
+            fn_cfg["reward_kwargs"] = {"strict_format": True}
+        fns[strict] = get_custom_reward_fn(OmegaConf.create({"reward": {"custom_reward_function": fn_cfg}}))
+    call = {"data_source": "geometry3k", "solution_str": response, "ground_truth": "5", "extra_info": {}}
+    assert fns[False](**call) == {"score": pytest.approx(1.1), "acc": 1.0, "format": 1.0}
+    assert fns[True](**call) == {"score": 0.0, "acc": 0.0, "format": 0.0}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # accuracy: extraction traps
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -71,12 +158,13 @@ def test_answer_outside_tags_is_not_graded() -> None:
 
 
 def test_two_answer_blocks_get_no_accuracy_even_if_one_is_right() -> None:
+    """Strict rules only: the authors' default grades the first block (test_authors_rules_by_default_...)."""
     for response in (
         "<think>r</think><answer>5</answer><answer>6</answer>",
         "<think>r</think><answer>6</answer><answer>5</answer>",
         "<think>maybe <answer>5</answer></think><answer>5</answer>",
     ):
-        assert score(response, "5")["acc"] == 0.0, response
+        assert score(response, "5", strict_format=True) == {"score": 0.0, "acc": 0.0, "format": 0.0}, response
 
 
 def test_single_answer_block_with_trailing_text_keeps_accuracy_but_loses_format() -> None:
@@ -128,6 +216,11 @@ def test_unclosed_answer_is_wrong() -> None:
         ("(A) (B)", "A", 0.0),
         ("A rectangle", "A", 0.0),  # a word starting with the letter is not an option
         ("a", "A", 0.0),  # option letters are upper case
+        ("(J)", "J", 1.0),  # letters run A-K, as in the authors' code
+        ("K. 12", "K", 1.0),
+        ("I", "(I)", 1.0),
+        ("Answer: K", "K", 1.0),
+        ("(J)", "K", 0.0),
     ],
 )
 def test_multiple_choice_compares_option_letters(answer: str, ground_truth: str, expected: float) -> None:
@@ -140,6 +233,8 @@ def test_option_letter_parsing() -> None:
     assert reward.option_letter("C") == "C"
     assert reward.option_letter("Cat") is None
     assert reward.option_letter("12") is None
+    assert reward.option_letter("(K) 7") == "K"
+    assert reward.option_letter("(L) 7") is None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from calibrl_verl.config import CalibRLConfig
 from calibrl_verl.integration.step_fields import (
     StepRows,
     compute_step_fields,
-    first_expert_row,
+    group_expert_count,
+    inactive_expert_rows,
     update_padding,
-    update_response_mask,
 )
 
 
@@ -49,8 +49,9 @@ def test_each_onpolicy_row_gets_its_own_groups_expert_log_probs_position_aligned
 
 
 def test_advantages_exclude_experts_and_padding_from_group_statistics():
-    # the padding row copies row 0's uid (verl does that): it must not change group a's mean
-    rows = _rows([1.0, 0.0, 0.0, 1.1, 1.0], ["a", "a", "a", "a", "a"], [False, False, False, True, False],
+    # verl 0.9.1's padding rows copy row 0's fields (its reward here) under a uid of their own, pad<uuid>: they must
+    # neither change group a's mean nor get an advantage of their own
+    rows = _rows([1.0, 0.0, 0.0, 1.1, 1.0], ["a", "a", "a", "a", "pad0f3c"], [False, False, False, True, False],
                  padding=[False, False, False, False, True])
     f = compute_step_fields(CalibRLConfig(), rows)
     torch.testing.assert_close(f.advantages[:, 0], torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0]))
@@ -88,13 +89,11 @@ def test_inactive_expert_rows_of_the_offpolicy_baselines_are_no_ops_in_the_updat
                  [False, False, False, True, False, False, False, True, False],
                  padding=[False] * 8 + [True], lengths=[6, 5, 4, 3, 6, 2, 6, 5, 1])
     f = compute_step_fields(CalibRLConfig(loss_mode=mode, mix_policy="pass_rate", pass_rate_range=(0.2, 0.6)), rows)
-    mask = update_response_mask(rows, f.active_expert)
     assert f.active_expert.tolist() == [False, False, False, True, False, False, False, False, False]
-    assert mask[7].sum() == 0 and f.advantages[7].abs().sum() == 0  # group b's expert: inactive, a no-op
-    keep = [i for i in range(9) if i != 7]
-    assert torch.equal(mask[keep], rows.response_mask[keep])  # everything else trains as before
-    # the token-mean denominator of the update: on-policy and active expert tokens only
-    assert mask.sum() == rows.response_mask.sum() - 5
+    # group b's expert (row 7): all on-policy rows of b are correct, pass rate 1 is outside [0.2, 0.6]; the padding
+    # row is never an inactive expert, whatever fields it copied
+    assert inactive_expert_rows(rows, f.active_expert).tolist() == [False] * 7 + [True, False]
+    assert f.advantages[7].abs().sum() == 0
 
 
 def test_expert_metrics_describe_the_expert_rows_only():
@@ -110,10 +109,37 @@ def test_expert_metrics_describe_the_expert_rows_only():
     assert m["calibrl/rareness_mean"] == pytest.approx(0.5)
 
 
-def test_first_expert_row_per_group():
-    got = first_expert_row(np.array(["x", "y", "x", "x", "y"], dtype=object),
-                           torch.tensor([False, False, True, True, False]))
-    assert got.tolist() == [2, -1, 2, 2, -1]
+def test_group_expert_count_per_row():
+    got = group_expert_count(np.array(["x", "y", "x", "x", "y"], dtype=object),
+                             torch.tensor([False, False, True, True, False]))
+    assert got.tolist() == [2, 0, 2, 2, 0]
+
+
+@pytest.mark.parametrize("sequence_norm", ["sum", "mean"])
+def test_with_several_experts_the_baseline_is_their_mean(sequence_norm):
+    """k = 2 distinct experts of lengths 4 and 2 in group a: position t's baseline is the mean over the experts that
+    have a token at t, the sequence baseline the mean of the two experts' own S(l^e). Written out by hand."""
+    rows = _rows([1.0, 0.0, 1.1, 1.1, 0.0, 1.0], ["a", "a", "a", "a", "b", "b"],
+                 [False, False, True, True, False, False], lengths=[6, 3, 4, 2, 5, 5])
+    f = compute_step_fields(CalibRLConfig(experts_per_group=2, sequence_norm=sequence_norm), rows)
+    e1, e2 = rows.old_log_probs[2].tolist(), rows.old_log_probs[3].tolist()
+    want_tokens = [(e1[0] + e2[0]) / 2, (e1[1] + e2[1]) / 2, e1[2], e1[3], 0.0, 0.0]
+    for row in (0, 1):
+        assert f.expert_log_prob[row].tolist() == pytest.approx(want_tokens, abs=1e-6)
+        assert f.expert_mask[row].tolist() == [True] * 4 + [False] * 2
+    s1, s2 = sum(e1[:4]), sum(e2[:2])
+    if sequence_norm == "mean":
+        s1, s2 = s1 / 4, s2 / 2
+    assert f.expert_baseline.tolist() == pytest.approx([(s1 + s2) / 2] * 2 + [0.0] * 4, abs=1e-6)
+    assert not f.expert_mask[4:].any()  # group b has no expert
+
+
+def test_with_one_expert_the_group_baseline_is_that_expert():
+    rows = _rows([1.0, 0.0, 1.1], ["a", "a", "a"], [False, False, True], lengths=[6, 6, 3])
+    f = compute_step_fields(CalibRLConfig(), rows)
+    e = rows.old_log_probs[2].tolist()
+    assert f.expert_log_prob[0].tolist() == pytest.approx(e[:3] + [0.0] * 3, abs=1e-7)
+    assert f.expert_baseline[0].item() == pytest.approx(sum(e[:3]), abs=1e-6)
 
 
 @pytest.mark.parametrize("n_on,n_exp,dp,mini,micro", [(40, 4, 1, 20, 1), (40, 3, 4, 20, 2), (37, 4, 8, 16, 1),
@@ -159,7 +185,7 @@ def test_step_dump_has_one_row_per_real_row_with_the_documented_schema(tmp_path)
     guided = rows.onpolicy & f.expert_mask.any(-1)
     table = step_dump.step_table(7, rows.uids, rows.is_expert, rows.is_padding, responses, rows.response_mask,
                                  rows.old_log_probs, rows.scores, rows.acc, f.correct, f.advantages, guided,
-                                 f.expert_baseline, f.active_expert)
+                                 f.expert_baseline, f.active_expert, torch.tensor([3, 2, 0, 0]))
     path = step_dump.write_step_dump(tmp_path / "dump", 7, table)
     assert path.name == "step_000007.parquet" and not list(path.parent.glob("*.tmp"))
     got = pq.read_table(path)
@@ -174,6 +200,7 @@ def test_step_dump_has_one_row_per_real_row_with_the_documented_schema(tmp_path)
     assert df.guided.tolist() == [True, True, False] and df.is_expert.tolist() == [False, False, True]
     assert df.expert_baseline.tolist() == pytest.approx([float(rows.old_log_probs[2, :4].sum())] * 2 + [0.0])
     assert df.expert_active.tolist() == [False, False, True]
+    assert df.update_tokens.tolist() == [3, 2, 0]
 
 
 def _grid():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tensordict import NonTensorStack, TensorDict
+from transfer_queue import KVBatchMeta
 
-from calibrl_verl import core_algos as ca
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.integration.trainer import CalibRLTrainer, _reward_acc
 
@@ -69,20 +69,62 @@ def test_reward_acc_is_read_only_from_dict_results_that_carry_it():
     assert _reward_acc([]) is None
 
 
-@pytest.mark.parametrize("gap", ["token", "sequence"])
-def test_a_step_without_expert_rows_has_an_exactly_zero_guide_term_and_gradient(gap):
-    """Warm-up (and any group without an active expert): all-false expert masks give L_guide = 0 and no gradient."""
-    gen = torch.Generator().manual_seed(0)
-    resp = torch.ones(4, 6)
-    log_prob = (-torch.rand(4, 6, generator=gen)).requires_grad_()
-    loss, metrics = ca.compute_calibrl_guide_loss(
-        log_prob, -torch.rand(4, 6, generator=gen), torch.zeros(4, 6, dtype=torch.bool),
-        torch.randn(4, 1, generator=gen).expand(4, 6), torch.tensor([True, False, True, False]), resp, gap=gap,
-        expert_baseline=torch.zeros(4) if gap == "sequence" else None)
-    loss.backward()
-    assert loss.item() == 0.0 and torch.count_nonzero(log_prob.grad) == 0
-    assert metrics["guided_frac"] == 0.0
+def _composed_trainer(*overrides: str, step: int) -> CalibRLTrainer:
+    """The real trainer class on the real composed config (``prepare_config`` run on it), with the data-loading state
+    verl's ``_next_train_batch`` reads; verl's __init__ (Ray workers) is skipped."""
+    import copy
 
+    import yaml
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from calibrl_verl.main_calibrl import prepare_config
+
+    with initialize_config_module("calibrl_verl.config", version_base=None):
+        config = copy.deepcopy(compose("calibrl_trainer"))
+    for override in overrides:
+        key, value = override.split("=", 1)
+        OmegaConf.update(config, key, yaml.safe_load(value), merge=False)
+    trainer = object.__new__(CalibRLTrainer)
+    trainer.config, trainer.calibrl = config, prepare_config(config)
+    trainer.global_steps, trainer.train_dataloader_it = step, None
+    trainer._prompt_position, trainer._expert_uids, trainer._short_groups = {}, set(), 0
+    return trainer
+
+
+def _dataloader(texts: list[object]):
+    """Prompt rows batched by a torch DataLoader with verl's own collate function, as verl's dataloader hands them."""
+    from torch.utils.data import DataLoader
+    from verl.utils.dataset.rl_dataset import collate_fn
+
+    rows = [{"raw_prompt": [{"role": "user", "content": f"question {i}"}], "solution": text, "index": i,
+             "input_ids": torch.ones(3, dtype=torch.long)} for i, text in enumerate(texts)]
+    return DataLoader(rows, batch_size=len(rows), collate_fn=collate_fn)
+
+
+def test_the_warm_up_steps_inject_no_expert_and_sample_the_on_policy_count():
+    """``calibrl.warmup_grpo_steps=2``: steps 1 and 2 are plain GRPO through the trainer's own data-source hook
+    (``_next_train_batch``): no prompt gets its expert and every prompt samples n_onpolicy responses, so no key is an
+    expert row; step 3 injects the expert of every prompt that has one (n_onpolicy + 1 sessions)."""
+    texts = ["<think>a</think><answer>1</answer>", "", "<think>b</think><answer>2</answer>", None]
+    trainer = _composed_trainer("calibrl.warmup_grpo_steps=2", "calibrl.n_onpolicy=3", "data.train_batch_size=4",
+                                "data.gen_batch_size=null", step=1)
+    trainer.train_dataloader = _dataloader(texts)
+    for step in (1, 2):
+        trainer.global_steps = step
+        batch = trainer._next_train_batch()
+        assert batch["__rollout_n__"].tolist() == [3, 3, 3, 3], step
+        assert not batch["calibrl_expert"].any() and trainer._expert_uids == set(), step
+        assert not trainer._expert_injection(batch).any(), step
+        uids = [str(u) for u in list(batch["uid"])]
+        keys = KVBatchMeta(keys=[f"{u}_{s}_0" for u in uids for s in range(4)], tags=[{}] * 16, partition_id="train")
+        assert not any(trainer._expert_flags(keys)), step  # not even a 4th session would count as an expert row
+    trainer.global_steps = 3
+    batch = trainer._next_train_batch()
+    assert batch["__rollout_n__"].tolist() == [4, 3, 4, 3]
+    assert batch["calibrl_expert"].tolist() == [True, False, True, False]
+    uids = [str(u) for u in list(batch["uid"])]
+    assert trainer._expert_uids == {uids[0], uids[2]}
 
 
 def test_the_update_subset_keeps_its_size_when_verl_rebalances_it():

@@ -1,8 +1,11 @@
-"""The ``calibrl:`` config section (SPEC.md §2, §4), validated into a frozen dataclass at start-up.
+"""The ``calibrl:`` config section (docs/algorithm.md §2, §4), validated into a frozen dataclass at start-up.
 
 Every key is overridable with Hydra (``calibrl.alpha=0.3``). ``CalibRLConfig.from_config`` accepts an
 OmegaConf node or a plain mapping, rejects unknown keys, and raises ``CalibRLConfigError`` naming the key,
 the value and what is allowed, before any Ray worker or GPU is started.
+
+Importing this module registers the ``calibrl_rollout_n`` OmegaConf resolver, with which ``calibrl_base.yaml``
+derives ``actor_rollout_ref.rollout.n`` from ``calibrl.n_onpolicy`` (see ``rollout_n``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from calibrl_verl.core_algos import GAP_MODES, SEQUENCE_NORMS, TAIL_MODES
 
@@ -27,7 +32,7 @@ class CalibRLConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CalibRLConfig:
-    """CalibRL hyper-parameters; defaults reproduce the authors' code (SPEC §4)."""
+    """CalibRL hyper-parameters; defaults reproduce the authors' code (docs/algorithm.md §4)."""
 
     loss_mode: str = "calibrl"
     expert_key: str = "solution"
@@ -48,6 +53,8 @@ class CalibRLConfig:
     reward_guard: bool = True
     seeded_rollouts: bool = False
     dump_dir: str | None = None
+    n_onpolicy: int = 10
+    allow_verl_mismatch: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_rate_range", tuple(float(x) for x in self.pass_rate_range))
@@ -72,6 +79,7 @@ class CalibRLConfig:
         _require_int("experts_per_group", self.experts_per_group, minimum=0)
         _require_int("warmup_grpo_steps", self.warmup_grpo_steps, minimum=0)
         _require_int("seed", self.seed, minimum=0)
+        _require_int("n_onpolicy", self.n_onpolicy, minimum=1)
         _require_range("alpha", self.alpha, 0.0, 1.0)
         _require_range("mix_ratio", self.mix_ratio, 0.0, 1.0)
         _require_range("guide_coef", self.guide_coef, 0.0, math.inf)
@@ -83,7 +91,7 @@ class CalibRLConfig:
             raise CalibRLConfigError(
                 f"calibrl.pass_rate_range={[lo, hi]} must satisfy 0 <= lo <= hi <= 1 (pass rates are fractions)"
             )
-        for key in ("norm_adv_by_std", "reward_guard", "seeded_rollouts"):
+        for key in ("norm_adv_by_std", "reward_guard", "seeded_rollouts", "allow_verl_mismatch"):
             if not isinstance(getattr(self, key), bool):
                 raise CalibRLConfigError(f"calibrl.{key}={getattr(self, key)!r} must be true or false")
 
@@ -111,6 +119,11 @@ class CalibRLConfig:
         return 0 if self.loss_mode == "grpo" else self.experts_per_group
 
     @property
+    def rollout_n(self) -> int:
+        """Rows per prompt, ``actor_rollout_ref.rollout.n``: the on-policy samples plus the mode's expert rows."""
+        return self.n_onpolicy + self.n_expert
+
+    @property
     def needs_expert_column(self) -> bool:
         return self.n_expert > 0
 
@@ -135,6 +148,19 @@ class CalibRLConfig:
         out = dataclasses.asdict(self)
         out["pass_rate_range"] = list(self.pass_rate_range)
         return out
+
+
+def rollout_n(n_onpolicy: Any, experts_per_group: Any, loss_mode: Any) -> int:
+    """The ``calibrl_rollout_n`` resolver: ``n = n_onpolicy + (0 if loss_mode == "grpo" else experts_per_group)``.
+
+    Why a resolver: the on-policy count is what a user sets, so a GRPO baseline (``calibrl.loss_mode=grpo`` on any
+    recipe) samples as many on-policy rows as CalibRL does, instead of inheriting CalibRL's n with its expert row.
+    """
+    return CalibRLConfig(loss_mode=loss_mode, experts_per_group=experts_per_group, n_onpolicy=n_onpolicy).rollout_n
+
+
+# replace=True: a re-import (tests, notebooks) re-registers the same function instead of failing
+OmegaConf.register_new_resolver("calibrl_rollout_n", rollout_n, replace=True)
 
 
 def _to_plain_dict(node: Any) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Data preparation helpers: convert public multimodal math datasets into verl RL parquet (SPEC section 6)."""
+"""Data preparation helpers: convert public multimodal math datasets into verl RL parquet (docs/algorithm.md §6)."""

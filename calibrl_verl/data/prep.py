@@ -1,7 +1,7 @@
 """Shared logic of the data-preparation scripts in ``examples/data_preprocess``.
 
 Every script turns one source table (a local json / jsonl / parquet file, a folder of such files, or a Hugging Face
-dataset name) into verl's RL parquet, one row per prompt (SPEC section 6)::
+dataset name) into verl's RL parquet, one row per prompt (docs/algorithm.md §6)::
 
     data_source   str
     prompt        [{"role": "user", "content": "<image>" * n_images + question + "\\n" + INSTRUCTION}]
@@ -553,7 +553,7 @@ class Options:
 
 
 def convert_rows(source: Source, columns: Columns, options: Options) -> Iterator[dict]:
-    """Yield output rows (SPEC section 6); counts go to ``options.stats``, progress to stderr."""
+    """Yield output rows (docs/algorithm.md §6); counts go to ``options.stats``, progress to stderr."""
     stats, written, seen_ids = options.stats, 0, set()
     with progress(source.rows, total=source.total, desc=f"prep {options.data_source}", unit="rows") as bar:
         for position, record in enumerate(bar):
@@ -602,7 +602,7 @@ def _count_row(stats: Counter, images: list[bytes], solution: str, status: str |
     if status is not None:
         stats[status] += 1
     if solution:
-        stats["expert_correct"] += int(compute_score("expert", solution, truth)["acc"] == 1.0)
+        stats["expert_correct"] += int(compute_score("expert", solution, truth, strict_format=True)["acc"] == 1.0)
 
 
 def _row_id(record: dict, columns: Columns, position: int) -> str:

@@ -1,6 +1,6 @@
 """Text-only reasoning data: OpenR1-Math with DeepSeek-R1 expert traces, and the text math benchmarks.
 
-Both write the same verl RL parquet as the vision scripts (``prep.OUTPUT_SCHEMA``, SPEC section 6) with an empty
+Both write the same verl RL parquet as the vision scripts (``prep.OUTPUT_SCHEMA``, docs/algorithm.md §6) with an empty
 ``images`` list and no ``<image>`` placeholder in the prompt; reading, column resolution, chunked writing and the
 counts summary are :mod:`calibrl_verl.data.prep`'s.
 
@@ -150,7 +150,7 @@ class R1ExpertPicker:
         if solution is None:
             stats["trace_unparsable"] += 1
             return None
-        if compute_score("openr1_math", solution, truth)["acc"] != 1.0:
+        if compute_score("openr1_math", solution, truth, strict_format=True)["acc"] != 1.0:
             stats["trace_reward_rejected"] += 1
             return None
         return solution

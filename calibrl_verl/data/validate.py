@@ -1,4 +1,4 @@
-"""Load-time validation of a verl RL parquet (SPEC section 6) before any GPU time is spent on it.
+"""Load-time validation of a verl RL parquet (docs/algorithm.md §6) before any GPU time is spent on it.
 
 Every finding names the file, the row (0-based position in the file) and the column at fault. Two severities:
 
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from calibrl_verl.data.expert_column import expert_traces
 from calibrl_verl.reward import format_reward
 
 IMAGE_TOKEN = "<image>"
@@ -259,18 +260,25 @@ def check_ground_truth(value: Any, column: str, where: tuple[str, int]) -> list[
 
 
 def check_expert(value: Any, column: str, where: tuple[str, int], tokenizer: Any, max_tokens: int | None) -> list:
-    """Counted expert findings: missing, not in think/answer form, longer than the response budget."""
+    """Counted expert findings: missing, not in think/answer form, longer than the response budget.
+
+    The column holds one trace or a list of them (``data.expert_column``); each trace is checked, a finding names
+    the trace's place in the list.
+    """
     path, row = where
-    if not _is_text(value):
+    traces = expert_traces(value)
+    if not traces:
         shown = f"{type(value).__name__} {value!r:.40}"
         return [Finding("expert_missing", path, row, column, f"no expert CoT ({shown}): trains as plain GRPO")]
     findings = []
-    if format_reward(value) != 1.0:
-        findings.append(Finding("expert_bad_format", path, row, column, "not <think>..</think><answer>..</answer>"))
-    if tokenizer is not None and max_tokens is not None:
-        n = len(tokenizer.encode(value, add_special_tokens=False)) + 1  # + end-of-turn, as the agent loop does
-        if n > max_tokens:
-            findings.append(Finding("expert_overlong", path, row, column, f"{n} tokens > {max_tokens}"))
+    for i, trace in enumerate(traces):
+        which = f"{column}[{i}]" if not isinstance(value, str) else column
+        if format_reward(trace) != 1.0:
+            findings.append(Finding("expert_bad_format", path, row, which, "not <think>..</think><answer>..</answer>"))
+        if tokenizer is not None and max_tokens is not None:
+            n = len(tokenizer.encode(trace, add_special_tokens=False)) + 1  # + end-of-turn, as the agent loop does
+            if n > max_tokens:
+                findings.append(Finding("expert_overlong", path, row, which, f"{n} tokens > {max_tokens}"))
     return findings
 
 

@@ -35,6 +35,8 @@ class ProblemState:
     """What the cache knows about one problem."""
 
     correct: dict | None = None  # the first verified attempt, any model
+    corrects: list[dict] = field(default_factory=list)  # every verified attempt, any model, in cache order
+    verified: Counter = field(default_factory=Counter)  # model -> verified attempts
     answered: Counter = field(default_factory=Counter)  # model -> wrong / unparsable attempts
     error: dict[str, dict] = field(default_factory=dict)  # model -> its last error attempt
 
@@ -48,6 +50,7 @@ class Outcome:
     solution: str = ""
     model: str = ""
     reason: str | None = None
+    solutions: tuple[str, ...] = ()  # --keep all: every distinct verified trace, in cache order
 
 
 class AttemptCache:
@@ -77,6 +80,8 @@ class AttemptCache:
         verdict, model = record["verdict"], str(record.get("model", ""))
         if verdict == "correct":
             state.correct = state.correct or record
+            state.corrects.append(record)
+            state.verified[model] += 1
         elif verdict == "error":
             state.error[model] = record
         else:
@@ -107,23 +112,44 @@ class AttemptCache:
             self._handle.close()
             self._handle = None
 
-    def outcome(self, key: str, model: str, samples: int) -> Outcome:
-        """Solved (first correct attempt), failed (error, or ``samples`` wrong ones by ``model``) or pending."""
+    def outcome(self, key: str, model: str, samples: int, keep_all: bool = False) -> Outcome:
+        """Solved (first correct attempt), failed (error, or ``samples`` wrong ones by ``model``) or pending.
+
+        ``keep_all`` (``--keep all``): a problem is settled only once ``model`` used its ``samples`` (or hit an
+        error); it is solved with every distinct verified trace of any model (``Outcome.solutions``).
+        """
         state = self.states.get(key)
         if state is None:
             return Outcome("pending")
+        if keep_all:
+            return _outcome_keep_all(state, model, samples)
         if state.correct is not None:
             solution = prepare_expert(state.correct.get("response"))[0]
             served = state.correct.get("served_model") or state.correct.get("model") or ""
-            return Outcome("solved", solution=solution, model=str(served))
+            return Outcome("solved", solution=solution, model=str(served), solutions=(solution,))
         answered = state.answered[model]
         if model in state.error:
-            error = state.error[model]
-            reason = f"error (sample {error.get('sample', 0) + 1} of {samples}): {error.get('error')}"
-            return Outcome("failed", samples_done=answered, reason=reason)
+            return Outcome("failed", samples_done=answered, reason=_error_reason(state.error[model], samples))
         if answered >= samples:
             return Outcome("failed", samples_done=answered, reason=f"all {answered} samples wrong")
         return Outcome("pending", samples_done=answered)
+
+
+def _outcome_keep_all(state: ProblemState, model: str, samples: int) -> Outcome:
+    done = state.answered[model] + state.verified[model]
+    if done < samples and model not in state.error:
+        return Outcome("pending", samples_done=done)
+    solutions = tuple(dict.fromkeys(prepare_expert(r.get("response"))[0] for r in state.corrects))
+    if solutions:
+        served = state.corrects[0].get("served_model") or state.corrects[0].get("model") or ""
+        return Outcome("solved", samples_done=done, solution=solutions[0], model=str(served), solutions=solutions)
+    if model in state.error:
+        return Outcome("failed", samples_done=done, reason=_error_reason(state.error[model], samples))
+    return Outcome("failed", samples_done=done, reason=f"all {done} samples wrong")
+
+
+def _error_reason(error: dict, samples: int) -> str:
+    return f"error (sample {error.get('sample', 0) + 1} of {samples}): {error.get('error')}"
 
 
 def _parse(line: str) -> dict | None:

@@ -2,13 +2,15 @@
 
     python -m calibrl_verl.experts generate --data IN.parquet --out OUT.parquet [--failures FAIL.parquet]
         (--base-url URL --model NAME [--api-key-env VAR] | --backend vllm --model PATH [--tp N])
-        [--samples K] [--concurrency C] [--timeout S] [--max-retries R] [--cache PATH]
+        [--samples K] [--keep first|all] [--concurrency C] [--timeout S] [--max-retries R] [--cache PATH]
         [--temperature T] [--max-tokens N] [--limit N] [--overwrite]
 
 Every row of ``--data`` (a verl RL parquet as the prep scripts write it) whose ``solution`` is empty is sent
 (``--overwrite``: every row), up to ``--samples`` times, until one reply, wrapped into ``<think>..</think>
 <answer>..</answer>`` as the prep scripts wrap a plain CoT, scores correct and well formed under the training
-reward. ``--out`` gets every input row in input order with ``solution`` filled and a ``solution_model`` column;
+reward. ``--keep all`` takes all ``--samples`` of every problem and keeps every distinct verified reply: ``solution``
+is then a list of traces, from which training with ``calibrl.experts_per_group=k`` draws k distinct experts per
+group. ``--out`` gets every input row in input order with ``solution`` filled and a ``solution_model`` column;
 ``--failures`` (default ``OUT.failures.parquet``) the rows no sample solved, with a ``failure_reason`` ("all K
 samples wrong", or the error that ended the problem). ``--cache`` (default ``OUT.cache.jsonl``) records every
 attempt as it ends: a killed run loses at most the requests in flight, and re-running the same command sends
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from calibrl_verl.data.expert_column import expert_traces
 from calibrl_verl.experts.cache import AttemptCache
 from calibrl_verl.experts.data import (
     ExpertsError,
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="generate")
     gen = commands.add_parser("generate", help="generate verified expert CoTs", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    gen.add_argument("--data", type=Path, required=True, help="input verl RL parquet (SPEC section 6)")
+    gen.add_argument("--data", type=Path, required=True, help="input verl RL parquet (docs/algorithm.md §6)")
     gen.add_argument("--out", type=Path, required=True, help="output parquet: every input row, solution filled")
     gen.add_argument("--failures", type=Path, default=None, help="unsolved rows [OUT.failures.parquet]")
     gen.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--api-key-env", default=None, help=f"env variable holding the key [{DEFAULT_KEY_ENV}]")
     gen.add_argument("--tp", type=int, default=None, help="vllm: tensor parallel size [1]")
     gen.add_argument("--samples", type=int, default=4, help="tries per problem until one is verified [4]")
+    gen.add_argument("--keep", choices=["first", "all"], default="first",
+                     help="first: stop at the first verified sample, solution is a string; all: take every sample, "
+                          "solution is the list of distinct verified ones (for calibrl.experts_per_group > 1) "
+                          "[first]")  # fmt: skip
     gen.add_argument("--concurrency", type=int, default=None,
                      help="endpoint: requests in flight [16]; vllm: problems per generate call [256]")  # fmt: skip
     gen.add_argument("--timeout", type=float, default=300.0, help="endpoint: seconds per request [300]")
@@ -155,7 +162,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     key = api_key(args) if args.kind == "endpoint" else None
     source = read_input(args.data, args.limit)
     problems, kept = collect_problems(source, args.overwrite)
-    settings = Settings(args.model, args.kind, args.samples, args.temperature, args.max_tokens)
+    settings = Settings(args.model, args.kind, args.samples, args.temperature, args.max_tokens, args.keep == "all")
     session = Session(AttemptCache(args.cache), settings)
     pending = pending_problems(problems, session.cache, settings)
     if args.temperature == 0 and args.samples > 1:
@@ -191,7 +198,7 @@ def pending_problems(problems: list[Problem], cache: AttemptCache, s: Settings) 
     pending = []
     for problem in problems:
         if problem.input_error is None:
-            outcome = cache.outcome(problem.key, s.model, s.samples)
+            outcome = cache.outcome(problem.key, s.model, s.samples, s.keep_all)
             if outcome.status == "pending":
                 pending.append((problem, outcome.samples_done))
     return pending
@@ -200,16 +207,19 @@ def pending_problems(problems: list[Problem], cache: AttemptCache, s: Settings) 
 def row_results(source: InputTable, problems: list[Problem], cache: AttemptCache, s: Settings) -> list[RowResult]:
     """Per input row: the input's solution (kept rows, failures) or the verified one, and why a row failed."""
     solutions, models = source.column("solution"), source.column("solution_model")
-    results = [RowResult(sol if isinstance(sol, str) else "", m if isinstance(m, str) else "")
+    # --keep all: every row's solution is a list of traces (a kept row's single trace becomes a list of one)
+    results = [RowResult(expert_traces(sol) if s.keep_all else (sol if isinstance(sol, str) else ""),
+                         m if isinstance(m, str) else "")
                for sol, m in zip(solutions, models, strict=True)]  # fmt: skip
     for problem in problems:
-        outcome = cache.outcome(problem.key, s.model, s.samples)
+        outcome = cache.outcome(problem.key, s.model, s.samples, s.keep_all)
         for position in problem.positions:
             row = results[position]
             if problem.input_error is not None:
                 row.failure_reason = problem.input_error
             elif outcome.status == "solved":
-                row.solution, row.solution_model = outcome.solution, outcome.model
+                row.solution = list(outcome.solutions) if s.keep_all else outcome.solution
+                row.solution_model = outcome.model
             else:  # a failed row keeps the solution it came with (--overwrite): nothing verified replaces it
                 row.failure_reason = outcome.reason or "not settled (the run stopped early)"
     return results
@@ -227,6 +237,8 @@ def _summary(args: argparse.Namespace, source: InputTable, problems: list[Proble
         "model": args.model,
         "backend": args.kind,
         "samples": args.samples,
+        "keep": args.keep,
+        "traces": sum(len(r.solution) if isinstance(r.solution, list) else int(bool(r.solution)) for r in results),
         "rows": source.num_rows,
         "rows_kept": len(kept),
         "rows_solved": source.num_rows - len(kept) - len(reasons),

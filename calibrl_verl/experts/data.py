@@ -1,6 +1,6 @@
 """The input and output parquets of ``python -m calibrl_verl.experts generate``.
 
-The input is a verl RL parquet as the prep scripts write it (SPEC section 6). Rows are grouped into *problems*
+The input is a verl RL parquet as the prep scripts write it (docs/algorithm.md §6). Rows are grouped into *problems*
 by a content key (prompt + image bytes + ground truth), so a row duplicated in the input is sent once, and the
 attempt cache stays valid when the file is re-prepared with its rows in another order. The outputs are the input
 table with ``solution`` filled and a ``solution_model`` column added (``--out``), and the rows no sample solved,
@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from calibrl_verl.data.expert_column import expert_traces
 from calibrl_verl.evaluate import IMAGE_PLACEHOLDER
 
 REQUIRED_COLUMNS = ("prompt", "reward_model")
@@ -95,7 +96,8 @@ def read_input(path: Path, limit: int | None = None) -> InputTable:
 
 
 def has_solution(value: Any) -> bool:
-    return isinstance(value, str) and value.strip() != ""
+    """A row already has an expert: a non-empty trace, or a list holding one (``--keep all`` output)."""
+    return bool(expert_traces(value))
 
 
 def collect_problems(source: InputTable, overwrite: bool) -> tuple[list[Problem], list[int]]:
@@ -186,7 +188,7 @@ def _as_list(value: Any) -> list[Any]:
 class RowResult:
     """What one output row gets: its solution, the model that wrote it, and why it failed (None: it did not)."""
 
-    solution: str
+    solution: str | list[str]  # a list of traces with --keep all
     solution_model: str
     failure_reason: str | None = None
 
@@ -196,7 +198,9 @@ def write_outputs(source: InputTable, results: list[RowResult], out: Path, failu
     table = source.table
     if "failure_reason" in table.column_names:  # the input is an earlier run's failures file: its reasons are stale
         table = table.drop_columns(["failure_reason"])
-    table = _with_column(table, "solution", [r.solution for r in results])
+    solutions = [r.solution for r in results]
+    table = _with_column(table, "solution", solutions, pa.list_(pa.string()) if solutions and isinstance(
+        solutions[0], list) else pa.string())
     table = _with_column(table, "solution_model", [r.solution_model for r in results])
     failed = [i for i, r in enumerate(results) if r.failure_reason is not None]
     failed_table = _with_column(table.take(pa.array(failed, pa.int64())), "failure_reason",
@@ -206,8 +210,8 @@ def write_outputs(source: InputTable, results: list[RowResult], out: Path, failu
     return len(failed)
 
 
-def _with_column(table: pa.Table, name: str, values: list[Any]) -> pa.Table:
-    array = pa.array(values, pa.string())
+def _with_column(table: pa.Table, name: str, values: list[Any], kind: pa.DataType | None = None) -> pa.Table:
+    array = pa.array(values, kind or pa.string())
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, array)
     return table.append_column(name, array)

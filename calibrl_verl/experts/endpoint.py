@@ -29,7 +29,7 @@ from typing import Any
 
 from calibrl_verl.evaluate import build_messages, decode_image
 from calibrl_verl.experts.data import Problem
-from calibrl_verl.experts.session import SETTLING, Reply, Session
+from calibrl_verl.experts.session import Reply, Session
 
 BACKOFF_ENV = "CALIBRL_EXPERTS_BACKOFF_S"  # tests shrink the back-off through it; real runs keep the default
 DEFAULT_BACKOFF_BASE_S = 1.0
@@ -243,7 +243,8 @@ class EndpointBackend:
             await self.solve(problem, done)
 
     async def solve(self, problem: Problem, done: int) -> None:
-        """Samples ``done..samples-1`` of one problem, stopping at the first verified one or at an error."""
+        """Samples ``done..samples-1`` of one problem, stopping at an error or (unless ``--keep all``) at the first
+        verified one."""
         session = self.session
         assert session is not None
         try:
@@ -254,7 +255,7 @@ class EndpointBackend:
             return
         for sample in range(done, session.settings.samples):
             reply = await self.complete(messages)
-            if session.record(problem, sample, reply) in SETTLING:
+            if session.settings.settles(session.record(problem, sample, reply)):
                 break
         session.settle(problem)
 

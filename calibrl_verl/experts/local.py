@@ -16,7 +16,7 @@ from typing import Any
 
 from calibrl_verl import evaluate
 from calibrl_verl.experts.data import Problem
-from calibrl_verl.experts.session import SETTLING, Reply, Session
+from calibrl_verl.experts.session import Reply, Session
 
 
 class LocalBackend:
@@ -40,7 +40,8 @@ class LocalBackend:
                 chunk = todo[start : start + self.batch]
                 replies = self._generate([problem for problem, _ in chunk])
                 for (problem, sample), reply in zip(chunk, replies, strict=True):
-                    if session.record(problem, sample, reply) in SETTLING or sample + 1 >= session.settings.samples:
+                    verdict = session.record(problem, sample, reply)
+                    if session.settings.settles(verdict) or sample + 1 >= session.settings.samples:
                         session.settle(problem)
                     else:
                         next_round.append((problem, sample + 1))

@@ -2,7 +2,8 @@
 
 A reply is verified exactly as training will see it: the text is wrapped into ``<think>..</think><answer>..
 </answer>`` with ``prepare_expert`` (as ``examples/data_preprocess/virl39k.py`` does for a plain CoT) and scored
-with the training reward; a sample counts only when it is both correct and well formed (acc = format = 1).
+with the training reward under its strict rules (``strict_format=True``: one think block, one answer block, nothing
+else); a sample counts only when it is both correct and well formed (acc = format = 1).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from calibrl_verl.data.prep import prepare_expert
 from calibrl_verl.experts.cache import AttemptCache
 from calibrl_verl.experts.data import Problem
 from calibrl_verl.reward import compute_score
-
-SETTLING = ("correct", "error")  # verdicts after which a problem takes no further sample
 
 
 @dataclass
@@ -43,6 +42,11 @@ class Settings:
     samples: int
     temperature: float
     max_tokens: int
+    keep_all: bool = False  # --keep all: every sample is taken, every verified one kept (not only the first)
+
+    def settles(self, verdict: str) -> bool:
+        """Does this verdict end the problem's sampling? An error always; a verified sample unless keeping all."""
+        return verdict == "error" or (verdict == "correct" and not self.keep_all)
 
 
 @dataclass
@@ -63,7 +67,7 @@ def judge(text: str | None, problem: Problem) -> str:
     solution, _status = prepare_expert(text)
     if not solution:
         return "unparsable"
-    score = compute_score(problem.data_source, solution, problem.ground_truth, problem.extra_info)
+    score = compute_score(problem.data_source, solution, problem.ground_truth, problem.extra_info, strict_format=True)
     return "correct" if score["acc"] == 1.0 and score["format"] == 1.0 else "wrong"
 
 
@@ -121,7 +125,7 @@ class Session:
 
     def settle(self, problem: Problem) -> str:
         """Count a problem that takes no further sample; returns its status (solved / failed)."""
-        outcome = self.cache.outcome(problem.key, self.settings.model, self.settings.samples)
+        outcome = self.cache.outcome(problem.key, self.settings.model, self.settings.samples, self.settings.keep_all)
         if outcome.status == "solved":
             self.tally.solved += 1
         else:

@@ -33,8 +33,11 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 from verl.workers.rollout.replica import TokenOutput
 
 from calibrl_verl.config import CalibRLConfig
+from calibrl_verl.data.expert_column import expert_traces
 
 AGENT_NAME = "calibrl_agent"
+# The trainer's per-prompt columns: the text of the group's j-th expert session ("" when the group has fewer)
+EXPERT_TEXT = "calibrl_expert_{}"
 
 
 def expert_token_ids(tokenizer: Any, text: str, max_len: int, overlong: str) -> tuple[list[int] | None, bool]:
@@ -115,7 +118,8 @@ class SeededServer:
 
 
 class CalibRLAgentLoop(SingleTurnAgentLoop):
-    """Single-turn agent loop whose last ``experts_per_group`` sessions return the expert response."""
+    """Single-turn agent loop whose last sessions (up to ``experts_per_group``) return expert responses: session j
+    past the on-policy ones answers with the j-th of the distinct traces the trainer drew for the prompt."""
 
     async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs: Any) -> AgentLoopOutput:
         cfg = CalibRLConfig.from_config(self.config.get("calibrl"))
@@ -126,7 +130,7 @@ class CalibRLAgentLoop(SingleTurnAgentLoop):
             output = await super().run(sampling_params, priority=priority, **kwargs)
             output.extra_fields.update({"is_expert": False, "expert_truncated": False})
             return output
-        text = str(kwargs.get(cfg.expert_key) or "")
+        text = self._expert_text(cfg, kwargs)
         ids, truncated = expert_token_ids(self.tokenizer, text, self.response_length, cfg.expert_overlong)
         if ids is None:
             return []  # dropped (overlong): verl stores no row; the trainer counts the group as without expert
@@ -136,6 +140,16 @@ class CalibRLAgentLoop(SingleTurnAgentLoop):
         output = await super().run(sampling_params, priority=priority, **kwargs)
         output.extra_fields.update({"is_expert": True, "expert_truncated": truncated})
         return output
+
+    def _expert_text(self, cfg: CalibRLConfig, kwargs: dict[str, Any]) -> str:
+        """Expert session j (the j-th session past the on-policy ones) answers with the trace the trainer drew
+        for it (``EXPERT_TEXT``); without those columns, with the dataset's own single trace."""
+        j = int(kwargs["session_id"]) - (int(self.rollout_config.n) - cfg.n_expert)
+        drawn = kwargs.get(EXPERT_TEXT.format(j))
+        if drawn is not None:
+            return str(drawn)
+        traces = expert_traces(kwargs.get(cfg.expert_key))
+        return traces[j] if j < len(traces) else ""
 
     def _is_expert_session(self, cfg: CalibRLConfig, kwargs: dict[str, Any]) -> bool:
         """Training groups the trainer marked get experts in their last sessions; validation never does."""

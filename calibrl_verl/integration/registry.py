@@ -128,7 +128,7 @@ def calibrl_policy_loss(
     calibrl: CalibRLConfig | None = None,
     expert_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """L = L_pg + guide_coef * L_guide over on-policy rows (SPEC §1.7); expert rows are not passed in.
+    """L = L_pg + guide_coef * L_guide over on-policy rows (docs/algorithm.md §1.7); expert rows are not passed in.
 
     ``expert_baseline`` (B,): S(l^e) over the whole group expert, which the sequence gap needs (the per-token
     expert fields are cut to each on-policy response's length); the trainer always passes it.
@@ -174,7 +174,7 @@ def _offpolicy_loss(name, token_loss_fn, old_log_prob, log_prob, advantages, res
 @register_policy_loss("luffy")
 def luffy_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                       rollout_is_weights=None, *, is_expert=None, **_: Any):
-    """LUFFY baseline (SPEC §3): PPO on on-policy tokens + policy-shaped -A_e * p/(p+0.1) on expert tokens."""
+    """LUFFY baseline (docs/algorithm.md §3): PPO on on-policy tokens + shaped -A_e * p/(p+0.1) on expert tokens."""
     return _offpolicy_loss("luffy", lambda: core_algos.luffy_expert_token_loss(log_prob, advantages),
                            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                            rollout_is_weights, is_expert)
@@ -183,7 +183,8 @@ def luffy_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_ag
 @register_policy_loss("rlplus")
 def rlplus_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                        rollout_is_weights=None, *, is_expert=None, **_: Any):
-    """RL-PLUS baseline (SPEC §3): PPO on on-policy tokens + -A p/(0.75 p_old + 0.25) (1-p)^0.5 on expert ones."""
+    """RL-PLUS baseline (docs/algorithm.md §3): PPO on on-policy tokens + -A p/(0.75 p_old + 0.25) (1-p)^0.5 on
+    expert tokens."""
     return _offpolicy_loss("rlplus",
                            lambda: core_algos.rlplus_expert_token_loss(log_prob, old_log_prob, advantages),
                            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,

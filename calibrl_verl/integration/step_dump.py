@@ -29,6 +29,9 @@ SCHEMA = pa.schema([
     ("guided", pa.bool_()),  # this on-policy row gets the guide term this step
     ("expert_baseline", pa.float64()),  # S(l^e) of the group expert (sequence gap); 0 when not guided
     ("expert_active", pa.bool_()),  # an expert row its group uses this step (mixing); false for on-policy rows
+    # tokens of the row verl's update counts: its stored loss_mask (the engine's token-mean denominator) after
+    # CalibRL's put; 0 for rows the update leaves out (CalibRL's expert rows, LUFFY's inactive expert rows)
+    ("update_tokens", pa.int64()),
 ])
 
 
@@ -39,7 +42,8 @@ def dump_path(dump_dir: str | Path, step: int) -> Path:
 def step_table(step: int, uids: np.ndarray, is_expert: torch.Tensor, is_padding: torch.Tensor,
                responses: torch.Tensor, response_mask: torch.Tensor, old_log_probs: torch.Tensor,
                scores: torch.Tensor, acc: torch.Tensor | None, correct: torch.Tensor, advantages: torch.Tensor,
-               guided: torch.Tensor, expert_baseline: torch.Tensor, expert_active: torch.Tensor) -> pa.Table:
+               guided: torch.Tensor, expert_baseline: torch.Tensor, expert_active: torch.Tensor,
+               update_tokens: torch.Tensor) -> pa.Table:
     """The dump of one step from (B,) / padded (B, T) tensors in the step's row order; padding rows dropped.
 
     ``advantages`` is verl's (B, T) tensor (A_i broadcast over the response); a row's value is read at its
@@ -61,6 +65,7 @@ def step_table(step: int, uids: np.ndarray, is_expert: torch.Tensor, is_padding:
         "guided": [bool(guided[i]) for i in rows],
         "expert_baseline": [float(expert_baseline[i]) for i in rows],
         "expert_active": [bool(expert_active[i]) for i in rows],
+        "update_tokens": [int(update_tokens[i]) for i in rows],
     }
     return pa.table(columns, schema=SCHEMA)
 

@@ -3,7 +3,8 @@
 The trainer (``integration.trainer``) reads a step's rows from verl's TransferQueue, calls
 ``compute_step_fields`` and writes the result back; keeping this part free of Ray/TQ lets tests run it on
 real tensors directly. Row order is the step's key order; padding rows (verl's ``is_padding`` tag) copy
-row 0's fields, so they are excluded explicitly everywhere.
+row 0's fields under a uid of their own (``pad<uuid>`` in verl 0.9.1 ``padding_utils.py``), so they are excluded
+explicitly everywhere, by the tag, never by the uid.
 """
 
 from __future__ import annotations
@@ -66,20 +67,11 @@ def update_padding(n_onpolicy: int, n_expert: int, dp_size: int, mini_batch_rows
     return p_update, p_total
 
 
-def first_expert_row(uids: np.ndarray, is_expert: torch.Tensor) -> torch.Tensor:
-    """For every row, the index of its group's first expert row, or -1 when the group has none.
-
-    With experts_per_group > 1 the first expert of the group is the calibration baseline (SPEC §1 leaves the
-    choice open; the authors use one expert), while LUFFY / RL-PLUS train on every expert row.
-    """
+def group_expert_count(uids: np.ndarray, is_expert: torch.Tensor) -> torch.Tensor:
+    """For every row, the number of expert rows in its group (0 when the group has none)."""
     gid = core_algos.group_ids(uids)
     n_groups = int(gid.max()) + 1 if gid.numel() else 0
-    rows = torch.arange(len(gid))
-    big = len(gid)
-    candidate = torch.where(is_expert, rows, torch.full_like(rows, big))
-    first = torch.full((n_groups,), big, dtype=torch.long).scatter_reduce_(0, gid, candidate, reduce="amin")
-    per_row = first[gid]
-    return torch.where(per_row == big, torch.full_like(per_row, -1), per_row)
+    return torch.zeros(n_groups, dtype=torch.long).index_add_(0, gid, is_expert.long())[gid]
 
 
 def group_pass_rate(uids: np.ndarray, correct: torch.Tensor, onpolicy: torch.Tensor) -> torch.Tensor:
@@ -94,8 +86,8 @@ def group_pass_rate(uids: np.ndarray, correct: torch.Tensor, onpolicy: torch.Ten
 
 
 def keep_expert(cfg: CalibRLConfig, rows: StepRows, correct: torch.Tensor) -> torch.Tensor:
-    """Per row: does the row's group use its expert this step? (SPEC §2; `random` is decided at injection.)"""
-    has = first_expert_row(rows.uids, rows.is_expert & ~rows.is_padding) >= 0
+    """Per row: does the row's group use its expert this step? (docs/algorithm.md §2; `random`: decided at injection)"""
+    has = group_expert_count(rows.uids, rows.is_expert & ~rows.is_padding) > 0
     if cfg.mix_policy != "pass_rate":
         return has
     lo, hi = cfg.pass_rate_range
@@ -104,7 +96,7 @@ def keep_expert(cfg: CalibRLConfig, rows: StepRows, correct: torch.Tensor) -> to
 
 
 def compute_step_fields(cfg: CalibRLConfig, rows: StepRows) -> StepFields:
-    """Advantages, correctness, expert alignment and metrics for one step (SPEC §1.4-1.8, §2, §3, §5)."""
+    """Advantages, correctness, expert alignment and metrics for one step (docs/algorithm.md §1.4-1.8, §2, §3, §5)."""
     excluded = rows.is_expert | rows.is_padding
     token_rewards = torch.zeros_like(rows.response_mask, dtype=torch.float32)
     token_rewards[:, 0] = rows.scores.float()  # an outcome reward: only its sum matters
@@ -112,15 +104,17 @@ def compute_step_fields(cfg: CalibRLConfig, rows: StepRows) -> StepFields:
                                                   norm_adv_by_std=cfg.norm_adv_by_std)
     correct = core_algos.correctness_sign(rows.scores, rows.acc, cfg.pass_threshold)
     keep = keep_expert(cfg, rows, correct)
-    expert_idx = first_expert_row(rows.uids, rows.is_expert & ~rows.is_padding)
     guided = rows.onpolicy & keep
-    src = expert_idx.clamp(min=0)
-    expert_mask = rows.response_mask[src].bool() & guided.unsqueeze(-1)
-    expert_log_prob = torch.where(expert_mask, rows.old_log_probs[src].float(), 0.0)
-    # here T spans every row of the step, so the expert is whole; the per-token fields are later cut to each
-    # on-policy response's length, which is why the sequence gap's baseline travels as its own per-row value
-    expert_baseline = core_algos.expert_sequence_baseline(expert_log_prob, expert_mask, cfg.sequence_norm)
     active_expert = rows.is_expert & ~rows.is_padding & keep
+    # the group's baseline is the mean over its experts (one expert: that expert). Here T spans every row of the
+    # step, so each expert is whole; the per-token fields are later cut to each on-policy response's length, which
+    # is why the sequence gap's baseline travels as its own per-row value
+    gid = core_algos.group_ids(rows.uids)
+    base = core_algos.group_expert_baseline(gid, int(gid.max()) + 1 if gid.numel() else 0, active_expert,
+                                            rows.response_mask, rows.old_log_probs, cfg.sequence_norm)
+    expert_mask = base.token_mask[gid] & guided.unsqueeze(-1)
+    expert_log_prob = torch.where(expert_mask, base.token_log_prob[gid], 0.0)
+    expert_baseline = torch.where(guided, base.sequence[gid], 0.0)
     if cfg.loss_mode in ("luffy", "rlplus"):
         adv = adv + active_expert_advantage(token_rewards, rows.response_mask, rows.uids, rows.is_expert,
                                             rows.is_padding, active_expert, cfg.norm_adv_by_std)
@@ -128,16 +122,16 @@ def compute_step_fields(cfg: CalibRLConfig, rows: StepRows) -> StepFields:
                       step_metrics(rows, adv, keep, correct))
 
 
-def update_response_mask(rows: StepRows, active_expert: torch.Tensor) -> torch.Tensor:
-    """The response mask the update trains with: inactive expert rows (their group does not use its expert this
-    step, e.g. outside ``pass_rate_range``) get an all-zero mask, the rest keep theirs. (B, T)
+def inactive_expert_rows(rows: StepRows, active_expert: torch.Tensor) -> torch.Tensor:
+    """Expert rows that stay in a LUFFY / RL-PLUS step but out of its update: their group does not use its expert
+    this step (e.g. outside ``pass_rate_range``). (B,) bool.
 
-    LUFFY / RL-PLUS keep expert rows in the update. An inactive one has A = 0, but its tokens would still count in
-    the token-mean denominator and get entropy / KL terms; a zero mask makes it a no-op exactly as verl makes its
-    own padding rows no-ops (verl 0.9.1 ``padding_utils.py``: ``response_mask`` / ``loss_mask`` all zero).
+    Such a row has A = 0, but its tokens would still count in the token-mean denominator and get entropy / KL
+    terms. The trainer zeroes both masks verl reads for it, ``response_mask`` (the loss's tokens) and ``loss_mask``
+    (the engine's denominator, verl 0.9.1 ``workers/engine/fsdp/transformer_impl.py`` ~730), so it is a no-op
+    exactly as verl makes its own padding rows no-ops (``padding_utils.py`` zeroes both masks).
     """
-    inactive = rows.is_expert & ~rows.is_padding & ~active_expert
-    return rows.response_mask * (~inactive).unsqueeze(-1).to(rows.response_mask.dtype)
+    return rows.is_expert & ~rows.is_padding & ~active_expert
 
 
 def active_expert_advantage(token_rewards: torch.Tensor, response_mask: torch.Tensor, uids: np.ndarray,
@@ -145,7 +139,7 @@ def active_expert_advantage(token_rewards: torch.Tensor, response_mask: torch.Te
                             norm_adv_by_std: bool, epsilon: float = 1e-6) -> torch.Tensor:
     """A_e on the active expert rows (LUFFY / RL-PLUS), 0 elsewhere; group statistics over real on-policy rows.
 
-    verl's padding rows copy row 0's uid, so they are removed before the statistics are taken.
+    verl's padding rows are removed before the statistics are taken (they carry row 0's reward fields).
     """
     real = ~torch.as_tensor(is_padding).bool()
     out = torch.zeros_like(token_rewards)
@@ -157,7 +151,7 @@ def active_expert_advantage(token_rewards: torch.Tensor, response_mask: torch.Te
 
 
 def step_metrics(rows: StepRows, adv: torch.Tensor, keep: torch.Tensor, correct: torch.Tensor) -> dict[str, Any]:
-    """SPEC §5 trainer-side metrics (the loss adds guide_loss, gate_full_frac and gap_mean)."""
+    """docs/algorithm.md §5 trainer-side metrics (the loss adds guide_loss, gate_full_frac and gap_mean)."""
     real = ~rows.is_padding
     groups = np.unique(rows.uids[real.numpy()].astype(str))
     guided_groups = np.unique(rows.uids[(real & keep & rows.onpolicy).numpy()].astype(str))

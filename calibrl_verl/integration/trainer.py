@@ -37,26 +37,29 @@ import numpy as np
 import torch
 import transfer_queue as tq
 from omegaconf import open_dict
-from tensordict import TensorDict
+from tensordict import NonTensorStack, TensorDict
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.debug.metrics import calculate_debug_metrics
 from verl.workers.utils.padding import response_to_nested
 
 from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
+from calibrl_verl.data.expert_column import expert_traces
 from calibrl_verl.integration import actor_loss, step_dump
+from calibrl_verl.integration.agent_loop import EXPERT_TEXT
 from calibrl_verl.integration.registry import ADV_EXTRAS
-from calibrl_verl.integration.stage_io import stage_io
+from calibrl_verl.integration.stage_io import VerlDriftError, stage_io
 from calibrl_verl.integration.step_fields import (
     StepRows,
     compute_step_fields,
     fault_metrics,
+    inactive_expert_rows,
     update_padding,
-    update_response_mask,
 )
 
 TRAINER_NAME = "calibrl"
@@ -81,6 +84,7 @@ class CalibRLTrainer(PPOTrainerSync):
         self._fixed_multiple: int | None = None
         self._prompt_position: dict[str, int] = {}
         self._expert_uids: set[str] = set()  # prompts whose expert joins the group this step
+        self._short_groups = 0  # of those, prompts with fewer than experts_per_group traces this step
         self._step_extra: dict[str, dict] = {}  # key -> extra_fields, kept by the advantage stage for the metrics
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -112,15 +116,34 @@ class CalibRLTrainer(PPOTrainerSync):
         batch = super()._next_train_batch(num_prompts)
         uids = [str(uid) for uid in _as_list(batch["uid"])]
         self._prompt_position = {uid: i for i, uid in enumerate(uids)}
-        self._expert_uids = set()
+        self._expert_uids, self._short_groups = set(), 0
         if self.calibrl.n_expert == 0:
             return batch
         inject = self._expert_injection(batch)
-        self._expert_uids = {uid for uid, on in zip(uids, inject.tolist(), strict=True) if on}
         k = self.calibrl.n_expert
-        batch["__rollout_n__"] = torch.where(inject, self.n_onpolicy + k, self.n_onpolicy).long()
-        batch["calibrl_expert"] = inject
+        picks = [self._draw_experts(traces, pos) if on else []
+                 for pos, (traces, on) in enumerate(zip(self._expert_traces(batch), inject.tolist(), strict=True))]
+        counts = torch.tensor([len(p) for p in picks], dtype=torch.long)
+        self._expert_uids = {uid for uid, c in zip(uids, counts.tolist(), strict=True) if c}
+        self._short_groups = int(((counts > 0) & (counts < k)).sum())
+        batch["__rollout_n__"] = self.n_onpolicy + counts
+        batch["calibrl_expert"] = counts > 0
+        for j in range(k):  # the agent loop's expert session j answers with column j (agent_loop.expert_text)
+            batch[EXPERT_TEXT.format(j)] = _string_column([p[j] if j < len(p) else "" for p in picks])
         return batch
+
+    def _expert_traces(self, batch: TensorDict) -> list[list[str]]:
+        """Per prompt, its non-empty expert traces: the expert column holds one trace (a string) or several (a list)."""
+        return [expert_traces(value) for value in _as_list(batch[self.calibrl.expert_key])]
+
+    def _draw_experts(self, traces: list[str], position: int) -> list[str]:
+        """k distinct traces of one prompt (all of them when it has k or fewer), drawn reproducibly from (seed,
+        step, the prompt's place in the data batch), so a resumed step draws what the uninterrupted run drew."""
+        k = self.calibrl.n_expert
+        if len(traces) <= k:
+            return list(traces)
+        rng = np.random.default_rng([self.calibrl.seed, self.global_steps, position, 1])
+        return [traces[i] for i in rng.choice(len(traces), size=k, replace=False)]
 
     def _expert_injection(self, batch: TensorDict) -> torch.Tensor:
         """Per prompt: does its expert join the group? Deterministic in (seed, step), so resume-safe."""
@@ -129,12 +152,11 @@ class CalibRLTrainer(PPOTrainerSync):
             raise CalibRLConfigError(
                 f"calibrl.expert_key={key!r}: the training data has no such column (columns: {sorted(batch.keys())})"
             )
-        texts = _as_list(batch[key])
-        has_text = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in texts])
+        has_text = torch.tensor([bool(t) for t in self._expert_traces(batch)])
         if self.calibrl.in_warmup(self.global_steps):
-            return torch.zeros(len(texts), dtype=torch.bool)
+            return torch.zeros(len(has_text), dtype=torch.bool)
         if self.calibrl.mix_policy == "random":
-            draws = np.random.default_rng([self.calibrl.seed, self.global_steps]).random(len(texts))
+            draws = np.random.default_rng([self.calibrl.seed, self.global_steps]).random(len(has_text))
             has_text &= torch.from_numpy(draws < self.calibrl.mix_ratio)
         return has_text
 
@@ -209,14 +231,14 @@ class CalibRLTrainer(PPOTrainerSync):
         with stage_io(batch.keys, batch.partition_id, on_put=with_expert_rollout_log_probs) as io:
             batch = super()._compute_old_log_prob(batch, metrics)
         if "padded" not in stage:
-            raise RuntimeError("verl's _compute_old_log_prob wrote no old log-probs through TransferQueue: "
-                               "calibrl_verl.integration.stage_io does not match this verl version")
+            raise VerlDriftError("verl's _compute_old_log_prob wrote no old log-probs through TransferQueue: "
+                                 "calibrl_verl.integration.stage_io does not match this verl version")
         self._onpolicy_old_log_prob_metrics(stage["padded"], onpolicy, metrics, calc)
         return batch
 
     def _onpolicy_old_log_prob_metrics(self, padded: TensorDict, onpolicy: torch.Tensor, metrics: dict,
                                        calc: bool) -> None:
-        """verl's entropy (and rollout-vs-actor) metrics again, over on-policy rows only (SPEC §5)."""
+        """verl's entropy (and rollout-vs-actor) metrics again, over on-policy rows only (docs/algorithm.md §5)."""
         if not onpolicy.any():
             return
         actor_cfg = self.config.actor_rollout_ref.actor
@@ -233,6 +255,8 @@ class CalibRLTrainer(PPOTrainerSync):
             return super()._compute_advantage(batch, metrics)
         stage: dict[str, Any] = {"metrics": metrics}
         extra_get = ["extra_fields"] + (["responses"] if self.calibrl.dump_dir else [])
+        if self._offpolicy or self.calibrl.dump_dir:  # the engine's token denominator, zeroed / dumped below
+            extra_get.append("loss_mask")
         # verl's stage gets and puts once: CalibRL's inputs ride on its get, its outputs on its put (stage_io)
         with stage_io(batch.keys, batch.partition_id, extra_get, on_get=partial(self._advantage_inputs, batch, stage),
                       on_put=partial(self._advantage_outputs, stage)) as io:
@@ -242,8 +266,8 @@ class CalibRLTrainer(PPOTrainerSync):
                 if "token" in stage:
                     ADV_EXTRAS.reset(stage["token"])
         if io.put is None:
-            raise RuntimeError("verl's _compute_advantage wrote no advantages through TransferQueue: "
-                               "calibrl_verl.integration.stage_io does not match this verl version")
+            raise VerlDriftError("verl's _compute_advantage wrote no advantages through TransferQueue: "
+                                 "calibrl_verl.integration.stage_io does not match this verl version")
         if self.calibrl.dump_dir:
             self._dump_step(stage, io.got, io.put)
         return batch
@@ -252,11 +276,14 @@ class CalibRLTrainer(PPOTrainerSync):
         """On verl's get: the step's rows, CalibRL's per-row fields and the estimator's extras (before it runs)."""
         rows = self._step_rows(batch, got)
         stage["rows"], stage["response_mask"] = rows, got["response_mask"]
+        if "loss_mask" in got.keys():
+            stage["loss_mask"] = got["loss_mask"]
         if self.calibrl.n_expert == 0:  # GRPO with a dump: correctness only
             stage["correct"] = core_algos.correctness_sign(rows.scores, rows.acc, self.calibrl.pass_threshold)
             return
         fields = compute_step_fields(self.calibrl, rows)
         stage["metrics"].update(fields.metrics)
+        stage["metrics"]["calibrl/groups_short_of_experts"] = float(self._short_groups)
         stage["fields"] = fields
         excluded = rows.is_expert | rows.is_padding
         token = ADV_EXTRAS.set({"is_expert": excluded, "norm_adv_by_std": self.calibrl.norm_adv_by_std,
@@ -269,18 +296,30 @@ class CalibRLTrainer(PPOTrainerSync):
         if "fields" not in stage:
             return put
         rows, fields, response_mask = stage["rows"], stage["fields"], stage["response_mask"]
-        if self._offpolicy:  # inactive expert rows would otherwise still count in the update (update_response_mask)
-            mask = update_response_mask(rows, fields.active_expert)
-            stage["metrics"]["calibrl/inactive_expert_rows"] = float((rows.response_mask.any(-1) & ~mask.any(-1)).sum())
-            if "response_mask" in put.keys():  # verl's rollout correction rejected tokens or rows: keep that too
-                mask = mask * _padded(put["response_mask"], len(mask)).to(mask.dtype)
-            put["response_mask"] = response_to_nested(mask.to(response_mask.dtype), response_mask)
+        if self._offpolicy:  # inactive expert rows would otherwise still count in the update (inactive_expert_rows)
+            self._mask_inactive_experts(stage, put, inactive_expert_rows(rows, fields.active_expert))
         put[actor_loss.EXPERT_LOG_PROB] = response_to_nested(fields.expert_log_prob, response_mask)
         put[actor_loss.EXPERT_MASK] = response_to_nested(fields.expert_mask.float(), response_mask)
         put[actor_loss.EXPERT_BASELINE] = fields.expert_baseline.float()
         put[actor_loss.CORRECT] = fields.correct.float()
         put[actor_loss.IS_EXPERT] = fields.active_expert.float()
         return put
+
+    def _mask_inactive_experts(self, stage: dict[str, Any], put: TensorDict, inactive: torch.Tensor) -> None:
+        """Zero ``response_mask`` and ``loss_mask`` of inactive expert rows in verl's put of this stage.
+
+        verl's loss sums over ``response_mask`` and its engine divides by the sum of ``loss_mask`` over the
+        mini-batch, two fields written at rollout: both must be zero for a row to be a no-op, as verl's own padding
+        rows are. A rejection verl's rollout correction wrote into ``response_mask`` in this put is kept.
+        """
+        response_mask, keep = stage["response_mask"], (~inactive).unsqueeze(-1)
+        stage["metrics"]["calibrl/inactive_expert_rows"] = float((stage["rows"].response_mask.any(-1) & inactive).sum())
+        mask = stage["rows"].response_mask * keep
+        if "response_mask" in put.keys():  # verl's rollout correction rejected tokens or rows: keep that too
+            mask = mask * _padded(put["response_mask"], len(mask)).to(mask.dtype)
+        put["response_mask"] = response_to_nested(mask.to(response_mask.dtype), response_mask)
+        loss_mask = stage["loss_mask"]
+        put["loss_mask"] = response_to_nested(_padded(loss_mask, len(mask)) * keep.to(loss_mask.dtype), loss_mask)
 
     @property
     def _offpolicy(self) -> bool:
@@ -289,18 +328,23 @@ class CalibRLTrainer(PPOTrainerSync):
     def _dump_step(self, stage: dict[str, Any], got: TensorDict, put: TensorDict) -> None:
         """``calibrl.dump_dir``: the step's rows with the advantages verl stored for the update (step_dump.py)."""
         rows = stage["rows"]
-        padded = TensorDict({"advantages": put["advantages"], "responses": got["responses"]},
+        loss_mask = put["loss_mask"] if "loss_mask" in put.keys() else got["loss_mask"]
+        padded = TensorDict({"advantages": put["advantages"], "responses": got["responses"], "loss_mask": loss_mask},
                             batch_size=len(rows.uids)).to_padded_tensor()
         if "fields" in stage:
             fields = stage["fields"]
-            correct, baseline, active = fields.correct, fields.expert_baseline, fields.active_expert
+            correct, active = fields.correct, fields.active_expert
             guided = rows.onpolicy & fields.expert_mask.any(-1) & (self.calibrl.loss_mode == "calibrl")
+            baseline = torch.where(guided, fields.expert_baseline, 0.0)  # the sequence gap's S(l^e) on guided rows
         else:
             correct = stage["correct"]
             baseline, active, guided = torch.zeros(len(correct)), torch.zeros_like(correct), torch.zeros_like(correct)
+        # the tokens verl's update counts for a row: its loss_mask as stored after this put, on the update's rows
+        in_update = ~rows.is_expert if self.drops_experts else torch.ones_like(rows.is_expert)
+        update_tokens = padded["loss_mask"].bool().sum(-1) * in_update
         table = step_dump.step_table(self.global_steps, rows.uids, rows.is_expert, rows.is_padding,
                                      padded["responses"], rows.response_mask, rows.old_log_probs, rows.scores,
-                                     rows.acc, correct, padded["advantages"], guided, baseline, active)
+                                     rows.acc, correct, padded["advantages"], guided, baseline, active, update_tokens)
         step_dump.write_step_dump(self.calibrl.dump_dir, self.global_steps, table)
 
     def _step_rows(self, batch, data: TensorDict) -> StepRows:
@@ -417,6 +461,13 @@ def canonical_row_order(keys: list[str], prompt_position: dict[str, int]) -> lis
     return sorted(range(len(keys)), key=sort_key)
 
 
+def _string_column(values: list[str]) -> NonTensorStack:
+    """A per-row string column as verl's dataset batches carry them (the type verl's agent loop passes on)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return tu.get_tensordict({"value": column}).get("value")
+
+
 def _padded(nested: torch.Tensor, rows: int) -> torch.Tensor:
     """A (rows, T) zero-padded tensor from a per-row (nested) TransferQueue field."""
     return TensorDict({"value": nested}, batch_size=rows).to_padded_tensor()["value"]
@@ -428,7 +479,7 @@ def _as_list(value: Any) -> list:
 
 
 def _reward_acc(extra: list[dict]) -> torch.Tensor | None:
-    """The reward's own ``acc`` per row, when the reward function returned a dict with one (SPEC §1.6).
+    """The reward's own ``acc`` per row, when the reward function returned a dict with one (docs/algorithm.md §1.6).
 
     verl 0.9.1's reward manager stores a float result as ``{"acc": score}`` too, so ``acc`` counts only when
     the same dict also has ``score`` (a dict result); otherwise correctness falls back to the threshold.

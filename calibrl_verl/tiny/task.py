@@ -4,7 +4,7 @@ Why it exists: tests, the CPU demo and the CI smoke test need a multimodal RL ta
 Qwen2.5-VL can partly solve after a few seconds of SFT, so GRPO/CalibRL see reward variance from step 1.
 Two question kinds: counting circles (answer "1".."4") and the colour of a square (multiple choice, answer a
 letter A-D). Every item carries an expert chain of thought in ``<think>..</think><answer>..</answer>`` form.
-Rows follow verl's RL parquet layout (SPEC section 6) and load with verl's own ``RLHFDataset``.
+Rows follow verl's RL parquet layout (docs/algorithm.md §6) and load with verl's own ``RLHFDataset``.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def item_to_row(item: TinyItem, split: str, index: int) -> dict[str, Any]:
-    """One verl RL parquet row (SPEC section 6)."""
+    """One verl RL parquet row (docs/algorithm.md §6)."""
     return {
         "data_source": DATA_SOURCE,
         "prompt": [{"role": "user", "content": user_text(item)}],
