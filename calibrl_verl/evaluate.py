@@ -1,10 +1,13 @@
-"""Evaluate a model on verl-format parquet benchmarks: greedy answers, CalibRL's reward, one table.
+"""Evaluate a model on verl-format parquet benchmarks: greedy or sampled answers, CalibRL's reward, pass@k.
 
     python -m calibrl_verl.evaluate --model PATH --data a.parquet [b.parquet ...] [--out DIR]
         [--backend auto|vllm|hf] [--max-new-tokens N] [--limit N] [--batch-size N] [--tp N]
+        [--n-samples K --temperature T --top-p P --seed S]
 
 Every row of each parquet (verl's RL layout: ``data_source``, ``prompt`` chat messages with ``<image>``
-placeholders, ``images`` as ``[{"bytes": png}]``, ``reward_model.ground_truth``) is answered greedily. The model
+placeholders, ``images`` as ``[{"bytes": png}]``, ``reward_model.ground_truth``) is answered greedily (default), or
+K times with ``--n-samples K`` at ``--temperature`` (default 1.0, the training temperature) and ``--top-p``, seeded by
+``--seed`` (vLLM: a per-request seed; hf: torch's generator, seeded once). The model
 input is built as verl builds it for a rollout: each ``<image>`` placeholder becomes an image content entry
 (``RLHFDataset._build_messages``), images go through ``qwen_vl_utils.process_vision_info`` with the
 processor's patch size, and the prompt is the processor's chat template with the generation prompt (a text-only
@@ -12,9 +15,16 @@ model, e.g. a Qwen2ForCausalLM directory without an image processor, uses its to
 verl's ``hf_processor`` / ``hf_tokenizer`` split does; its benchmarks must have no images). Answers
 are scored with ``calibrl_verl.reward.compute_score`` (the training reward: acc, format). Written to ``--out``:
 
-* ``results.md``: a markdown table (benchmark, n, accuracy %, format rate %) plus the macro average;
+* ``results.md``: a markdown table (benchmark, n, accuracy %, format rate %; with K > 1 also pass@K, maj@K and
+  coverage) plus the macro average;
 * ``results.csv``: the same numbers;
-* ``generations.jsonl``: one line per row (benchmark, index, prompt, response, ground truth, acc, format).
+* ``generations.jsonl``: one line per answer (benchmark, index, sample, prompt, response, ground truth, acc, format);
+* ``samples.parquet``: one row per (benchmark, problem id, sample): ``benchmark, id, index, sample, response,
+  extracted`` (the answer text the reward graded), ``correct, acc, format, score``;
+* ``summary.json``: per benchmark ``n_problems, n_samples, protocol, temperature, top_p, seed, accuracy`` (greedy
+  accuracy, or mean@K = avg@K), ``pass@k`` (a mapping k -> value for k = 1, 2, 4, ..., K; Chen et al.'s unbiased
+  estimator), ``maj@K``, ``coverage`` (share of problems solved at least once) and ``format_rate``, all in percent.
+  Every figure is ``calibrl_verl.eval_metrics.benchmark_summary`` of that benchmark's rows of ``samples.parquet``.
 
 The benchmark name is the parquet file's stem (``data/geoqa/test.parquet`` -> ``test``; files whose stems
 collide get their folder as a prefix, ``geoqa/test``), or the file's ``data_source`` with
@@ -53,12 +63,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from calibrl_verl.eval_metrics import benchmark_summary
 from calibrl_verl.progress import progress
-from calibrl_verl.reward import compute_score
+from calibrl_verl.reward import compute_score, first_answer
 
 IMAGE_PLACEHOLDER = "<image>"
 VLLM_CHUNK_ROWS = 256
 REQUIRED_COLUMNS = ("prompt", "reward_model")
+PROTOCOL = "calibrl"  # the training prompt and reward (what the paper reports)
+SAMPLING_TEMPERATURE = 1.0  # --n-samples > 1 without --temperature: the training temperature
 
 
 class EvalError(Exception):
@@ -86,12 +99,26 @@ class Request:
     images: list[Any]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How many answers per problem and how they are drawn: one greedy answer by default."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
 class Backend(Protocol):
-    """Greedy generation for a list of rendered requests."""
+    """Generation for a list of rendered requests: ``sampling.n`` answers per request, in request order."""
 
     processor: Any
 
-    def generate(self, requests: list[Request]) -> list[str]: ...
+    def generate(self, requests: list[Request]) -> list[list[str]]: ...
 
 
 # ----------------------------------------------------------------------------------------------- data loading
@@ -283,9 +310,9 @@ GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "temperature": None, "t
 
 
 class HFBackend:
-    """transformers ``generate``, greedy, batched with left padding."""
+    """transformers ``generate``, greedy or sampled (``num_return_sequences``), batched with left padding."""
 
-    def __init__(self, model: str, max_new_tokens: int, batch_size: int) -> None:
+    def __init__(self, model: str, max_new_tokens: int, batch_size: int, sampling: Sampling = Sampling()) -> None:
         import torch
 
         self.processor = load_processor(model)
@@ -299,14 +326,24 @@ class HFBackend:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.chunk_size = batch_size  # one batch per progress update
+        self.sampling = sampling
+        self.options = GREEDY if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
+            "repetition_penalty": 1.0, "num_return_sequences": sampling.n}
+        self.generator_seeded = False
 
-    def generate(self, requests: list[Request]) -> list[str]:
-        out: list[str] = []
+    def generate(self, requests: list[Request]) -> list[list[str]]:
+        import torch
+
+        if not self.sampling.greedy and not self.generator_seeded:  # once: the run's draws follow from --seed
+            torch.manual_seed(self.sampling.seed)
+            self.generator_seeded = True
+        out: list[list[str]] = []
         for start in range(0, len(requests), self.batch_size):
             out.extend(self._generate_batch(requests[start : start + self.batch_size]))
         return out
 
-    def _generate_batch(self, batch: list[Request]) -> list[str]:
+    def _generate_batch(self, batch: list[Request]) -> list[list[str]]:
         import torch
 
         images = [image for request in batch for image in request.images]
@@ -314,9 +351,10 @@ class HFBackend:
         inputs = self.processor(text=[r.prompt for r in batch], padding=True, return_tensors="pt", **kwargs)
         inputs = inputs.to(self.device)
         with torch.no_grad():
-            output = self.model.generate(**inputs, **GREEDY, max_new_tokens=self.max_new_tokens)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            output = self.model.generate(**inputs, **self.options, max_new_tokens=self.max_new_tokens)
+        texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        per = len(texts) // len(batch)  # generate returns a request's samples next to each other
+        return [texts[i * per : (i + 1) * per] for i in range(len(batch))]
 
 
 def load_hf_model(model: str, dtype: Any) -> Any:
@@ -329,11 +367,13 @@ def load_hf_model(model: str, dtype: Any) -> Any:
 
 
 class VLLMBackend:
-    """``vllm.LLM`` with multi-modal inputs, tensor parallel, greedy (explicit temperature 0, so the
-    checkpoint's generation_config defaults are not applied). On vLLM's CPU build: float32 (the CPU compute
-    dtype, as the hf backend uses there) and a 1 GiB KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise."""
+    """``vllm.LLM`` with multi-modal inputs, tensor parallel; greedy (explicit temperature 0, so the checkpoint's
+    generation_config defaults are not applied) or ``sampling.n`` samples per request with a per-request seed.
+    On vLLM's CPU build: float32 (the CPU compute dtype, as the hf backend uses there) and a 1 GiB KV cache unless
+    ``VLLM_CPU_KVCACHE_SPACE`` says otherwise."""
 
-    def __init__(self, model: str, max_new_tokens: int, tp: int, max_images: int, max_model_len: int | None) -> None:
+    def __init__(self, model: str, max_new_tokens: int, tp: int, max_images: int, max_model_len: int | None,
+                 sampling: Sampling = Sampling()) -> None:
         from vllm import LLM, SamplingParams
 
         self.processor = load_processor(model)
@@ -346,13 +386,17 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             kwargs["enforce_eager"] = True  # no model compile on CPU: ~20 s of start-up (see cpu/settings.py)
         self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=max_model_len, **kwargs)
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        if sampling.greedy:
+            self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        else:
+            self.params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                         seed=sampling.seed, max_tokens=max_new_tokens)
         self.chunk_size = VLLM_CHUNK_ROWS  # vLLM batches a chunk itself; larger chunks, fewer progress updates
 
-    def generate(self, requests: list[Request]) -> list[str]:
+    def generate(self, requests: list[Request]) -> list[list[str]]:
         # our progress (per chunk, with accuracy) replaces vLLM's own bar, whose \r updates would fill a log
         outputs = self.llm.generate([vllm_input(r) for r in requests], self.params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
+        return [[c.text for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
 
 
 def vllm_on_cpu() -> bool:
@@ -373,9 +417,14 @@ def make_backend(args: argparse.Namespace, max_images: int) -> Backend:
     """The backend selected by ``--backend`` (``auto`` resolved)."""
     name = choose_backend(args.backend)
     print(f"[evaluate] backend: {name}", file=sys.stderr)
+    sampling = sampling_of(args)
     if name == "vllm":
-        return VLLMBackend(args.model, args.max_new_tokens, args.tp, max_images, args.max_model_len)
-    return HFBackend(args.model, args.max_new_tokens, args.batch_size)
+        return VLLMBackend(args.model, args.max_new_tokens, args.tp, max_images, args.max_model_len, sampling)
+    return HFBackend(args.model, args.max_new_tokens, args.batch_size, sampling)
+
+
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    return Sampling(args.n_samples, args.temperature, args.top_p, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------- scoring
@@ -391,14 +440,18 @@ def score_rows(responses: Sequence[str], rows: Sequence[Row]) -> list[dict[str, 
     ]
 
 
-def generation_record(row: Row, request: Request, response: str, score: dict[str, float]) -> dict[str, Any]:
-    """One line of generations.jsonl."""
+def generation_record(row: Row, request: Request, response: str, score: dict[str, float],
+                      sample: int = 0) -> dict[str, Any]:
+    """One line of generations.jsonl (one answer: ``sample`` k of the row's K)."""
     return {
         "benchmark": row.benchmark,
         "index": row.index,
+        "id": problem_id(row),
+        "sample": sample,
         "data_source": row.data_source,
         "prompt": request.prompt,
         "response": response,
+        "extracted": first_answer(response) if isinstance(response, str) else None,
         "ground_truth": row.ground_truth,
         "acc": float(score["acc"]),
         "format": float(score["format"]),
@@ -406,8 +459,15 @@ def generation_record(row: Row, request: Request, response: str, score: dict[str
     }
 
 
+def problem_id(row: Row) -> str:
+    """The problem's id: ``extra_info.id`` (or ``.index``) when the row has one, else its position in the file."""
+    info = row.extra_info or {}
+    value = info.get("id", info.get("index"))
+    return str(value) if value is not None and value != "" else str(row.index)
+
+
 def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = None) -> list[dict[str, Any]]:
-    """Render, generate greedily, score: one record per row; progress (running accuracy) after each chunk."""
+    """Render, generate, score: one record per (row, sample); progress (running accuracy) after each chunk."""
     chunk = chunk_size or getattr(backend, "chunk_size", None) or max(len(rows), 1)
     records: list[dict[str, Any]] = []
     name = rows[0].benchmark if rows else ""
@@ -415,62 +475,91 @@ def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = No
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             requests = [render(backend.processor, row) for row in part]
-            responses = backend.generate(requests)
-            scores = score_rows(responses, part)
-            records += [generation_record(*item) for item in zip(part, requests, responses, scores, strict=True)]
+            answers = backend.generate(requests)
+            if len(answers) != len(part):
+                raise ValueError(f"{len(answers)} answer lists for {len(part)} rows")
+            for row, request, texts in zip(part, requests, answers, strict=True):
+                scores = score_rows(texts, [row] * len(texts))
+                records += [generation_record(row, request, text, score, k)
+                            for k, (text, score) in enumerate(zip(texts, scores, strict=True))]
             bar.set_postfix(acc=f"{100.0 * sum(r['acc'] for r in records) / len(records):.1f}%")
             bar.update(len(part))
     return records
 
 
 def summarize(records: Sequence[dict[str, Any]], benchmarks: Sequence[str]) -> list[dict[str, Any]]:
-    """Per benchmark: n, accuracy %, format rate %; then the macro average when there are several."""
+    """Per benchmark: n (problems), accuracy % (greedy, or mean@K), format rate %, pass@K %, maj@K % and coverage %;
+    then the macro average when there are several. The figures are ``benchmark_summary``'s."""
     table = []
     for name in benchmarks:
-        rows = [r for r in records if r["benchmark"] == name]
-        n = len(rows)
-        table.append(
-            {
-                "benchmark": name,
-                "n": n,
-                "accuracy": 100.0 * sum(r["acc"] for r in rows) / n if n else 0.0,
-                "format_rate": 100.0 * sum(r["format"] for r in rows) / n if n else 0.0,
-            }
-        )
+        summary = benchmark_summary([sample_row(r) for r in records if r["benchmark"] == name])
+        k = summary["n_samples"]
+        table.append({"benchmark": name, "n": summary["n_problems"], "accuracy": summary["accuracy"],
+                      "format_rate": summary.get("format_rate", 0.0), "k": k,
+                      "pass_at_k": summary["pass@k"].get(str(k), 0.0), "maj_at_k": summary[f"maj@{k}"],
+                      "coverage": summary["coverage"]})
     if len(table) > 1:
-        table.append(
-            {
-                "benchmark": "average",
-                "n": sum(t["n"] for t in table),
-                "accuracy": sum(t["accuracy"] for t in table) / len(table),
-                "format_rate": sum(t["format_rate"] for t in table) / len(table),
-            }
-        )
+        average = {"benchmark": "average", "n": sum(t["n"] for t in table), "k": table[0]["k"]}
+        for key in ("accuracy", "format_rate", "pass_at_k", "maj_at_k", "coverage"):
+            average[key] = sum(t[key] for t in table) / len(table)
+        table.append(average)
     return table
+
+
+SAMPLE_COLUMNS = ("benchmark", "id", "index", "sample", "response", "extracted", "correct", "acc", "format", "score")
+
+
+def sample_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A generation record as a ``samples.parquet`` row (``correct``: the reward's acc)."""
+    return {**{k: record[k] for k in SAMPLE_COLUMNS if k in record}, "correct": record["acc"] > 0}
+
+
+def summaries(records: Sequence[dict[str, Any]], benchmarks: Sequence[str], sampling: Sampling) -> dict[str, Any]:
+    """``summary.json``: per benchmark, its figures and how they were measured."""
+    how = {"protocol": PROTOCOL, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+    return {name: {**how, **benchmark_summary([sample_row(r) for r in records if r["benchmark"] == name])}
+            for name in benchmarks}
 
 
 # ------------------------------------------------------------------------------------------------------ output
 
 
 def markdown_table(table: Sequence[dict[str, Any]], title: str) -> str:
-    lines = [f"# {title}", "", "| benchmark | n | accuracy (%) | format (%) |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {t['benchmark']} | {t['n']} | {t['accuracy']:.2f} | {t['format_rate']:.2f} |" for t in table]
+    k = table[0].get("k", 1) if table else 1
+    if k <= 1:
+        lines = [f"# {title}", "", "| benchmark | n | accuracy (%) | format (%) |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {t['benchmark']} | {t['n']} | {t['accuracy']:.2f} | {t['format_rate']:.2f} |" for t in table]
+        return "\n".join(lines) + "\n"
+    header = f"| benchmark | n | mean@{k} (%) | pass@{k} (%) | maj@{k} (%) | coverage (%) | format (%) |"
+    lines = [f"# {title}", "", header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {t['benchmark']} | {t['n']} | {t['accuracy']:.2f} | {t['pass_at_k']:.2f} | {t['maj_at_k']:.2f} | "
+              f"{t['coverage']:.2f} | {t['format_rate']:.2f} |" for t in table]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, records: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], title: str) -> None:
-    """results.md, results.csv and generations.jsonl under ``out``."""
+CSV_COLUMNS = ("benchmark", "n", "k", "accuracy", "format_rate", "pass_at_k", "maj_at_k", "coverage")
+
+
+def write_outputs(out: Path, records: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], title: str,
+                  summary: dict[str, Any] | None = None) -> None:
+    """results.md, results.csv, generations.jsonl, samples.parquet and summary.json under ``out``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown_table(table, title))
     with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["benchmark", "n", "accuracy", "format_rate"])
+        writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(
-            {**t, "accuracy": f"{t['accuracy']:.2f}", "format_rate": f"{t['format_rate']:.2f}"} for t in table
-        )
+        writer.writerows({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in t.items()} for t in table)
     with open(out / "generations.jsonl", "w") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    rows = [sample_row(r) for r in records]
+    columns = {name: [row.get(name) for row in rows] for name in SAMPLE_COLUMNS}
+    pq.write_table(pa.table(columns), out / "samples.parquet")
+    if summary is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -498,12 +587,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size")
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len [model's]")
     parser.add_argument("--name-by", choices=["stem", "data_source"], default="stem", help="benchmark naming")
+    parser.add_argument("--n-samples", type=int, default=1,
+                        help="answers per problem: 1 = greedy (default); K > 1 samples K for mean@K, pass@k, maj@K")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"sampling temperature [0 (greedy) for one sample, {SAMPLING_TEMPERATURE} for K > 1]")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling [1.0]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("eval_results") / Path(args.model.rstrip("/")).name
-    for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size"):
+    for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size", "n_samples"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.temperature is None:
+        args.temperature = SAMPLING_TEMPERATURE if args.n_samples > 1 else 0.0
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature:g} / {args.top_p:g}")
+    if args.n_samples > 1 and args.temperature == 0:
+        parser.error(f"--n-samples {args.n_samples} with --temperature 0 would repeat one greedy answer: "
+                     "give a temperature > 0")
     return args
 
 
@@ -519,7 +621,8 @@ def run(args: argparse.Namespace, backend_factory: Callable[[int], Backend] | No
     chunk = getattr(args, "chunk_size", None)
     records = [record for rows in datasets for record in evaluate_rows(rows, backend, chunk)]
     table = summarize(records, names)
-    write_outputs(args.out, records, table, title=f"{args.model}")
+    summary = summaries(records, names, sampling_of(args))
+    write_outputs(args.out, records, table, title=f"{args.model}", summary=summary)
     return table
 
 
@@ -530,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except EvalError as err:
         raise SystemExit(f"evaluate: error: {err}") from None
     print(markdown_table(table, args.model), end="")
-    print(f"[evaluate] wrote {args.out}/results.md, results.csv, generations.jsonl", file=sys.stderr)
+    print(f"[evaluate] wrote {args.out}/results.md, results.csv, generations.jsonl, samples.parquet, summary.json",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

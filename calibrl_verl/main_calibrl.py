@@ -237,6 +237,17 @@ def _forward_env(config: DictConfig) -> None:
             ray_init.runtime_env.env_vars[key] = os.environ[key]
 
 
+def tensorboard_dir(config: DictConfig) -> str:
+    """Where verl's tensorboard logger writes: ``TENSORBOARD_DIR`` when set, else next to the run's checkpoints,
+    ``<trainer.default_local_dir>/tensorboard`` (verl's own default, ``tensorboard_log/<project>/<experiment>``,
+    would sit apart from them). Exported for the launch (and into Ray's runtime env), so every process agrees."""
+    path = os.environ.get("TENSORBOARD_DIR") or os.path.join(str(config.trainer.default_local_dir), "tensorboard")
+    os.environ["TENSORBOARD_DIR"] = path
+    with open_dict(config):
+        config.ray_kwargs.ray_init.runtime_env.env_vars["TENSORBOARD_DIR"] = path
+    return path
+
+
 # data key -> the run scripts' environment variable for it (named in the messages: that is what a user set)
 _DATA_FILES = {"data.train_files": "TRAIN_FILES", "data.val_files": "VAL_FILES"}
 
@@ -327,6 +338,8 @@ def dry_run(config: DictConfig) -> None:
     with contextlib.redirect_stdout(sys.stderr):
         validate_verl_config(config)
     print(OmegaConf.to_yaml(config, resolve=True), end="")
+    print(f"[calibrl] dry run: run {config.trainer.experiment_name}, checkpoints in {config.trainer.default_local_dir}",
+          file=sys.stderr)
     missing = missing_inputs(config)
     for line in missing:
         print(f"[calibrl] dry run: missing {line}", file=sys.stderr)
@@ -347,6 +360,8 @@ def main(config: Any) -> None:
         if _dry_run:
             dry_run(config)
             return
+        print(f"[calibrl] run {config.trainer.experiment_name}: checkpoints in {config.trainer.default_local_dir}, "
+              f"tensorboard in {tensorboard_dir(config)}", file=sys.stderr)
         require_inputs(config)
         validate_train_data(config, cfg)
     except (CalibRLConfigError, DataValidationError, VerlDriftError) as err:

@@ -156,8 +156,8 @@ def tagged_pids(tag: str) -> list[int]:
 def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics") -> Launch:
     """Start ``python -m calibrl_verl.main_calibrl`` with ``overrides``, logging into ``run_dir``.
 
-    Writes ``run_dir/<name>.jsonl`` (verl's file logger, which starts its file afresh on every launch, hence one
-    name per launch) and ``run_dir/<name>.log``.
+    Writes ``run_dir/<name>.jsonl`` (verl's file logger, made resume-safe by ``integration.tracking``: a fresh run
+    starts the file, a resumed one keeps the steps up to its checkpoint and appends) and ``run_dir/<name>.log``.
     """
     metrics = run_dir / f"{name}.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
@@ -195,9 +195,9 @@ def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str],
     """Build assets if needed, train, plot; returns the metrics JSONL path. Raises on a non-zero exit.
 
     Checkpoints go to ``out/<loss_mode>/checkpoints`` and verl resumes from the latest one there
-    (``trainer.resume_mode=auto``); ``name`` names this launch's metrics/log files, since verl's file logger
-    starts its file afresh on every launch. ``family`` picks the tiny model (``python -m calibrl_verl.tiny.build
-    --family``); a non-default family builds into ``out/assets_<family>``.
+    (``trainer.resume_mode=auto``); ``name`` names this launch's metrics/log files (a launch that resumes into the
+    same name keeps the earlier steps, ``integration.tracking``). ``family`` picks the tiny model
+    (``python -m calibrl_verl.tiny.build --family``); a non-default family builds into ``out/assets_<family>``.
     """
     out = out.resolve()
     if family == "qwen2_5_vl":

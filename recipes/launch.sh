@@ -21,8 +21,10 @@
 #                    <repo>/: data/openr1_math/train.parquet and data/math500/test.parquet)
 #   NNODES           nodes in the Ray cluster          [the recipe's: 1]
 #   N_GPUS_PER_NODE  GPUs per node                     [the recipe's: 8]
-#   PROJECT, EXP     trainer.project_name / trainer.experiment_name  [the recipe's: calibrl, <recipe>]
-#   OUTPUT_DIR       checkpoints (and tensorboard/ under it)  [<repo>/checkpoints/$PROJECT/$EXP]
+#   PROJECT, EXP     trainer.project_name / trainer.experiment_name  [calibrl, <loss_mode>_<model>: a swapped
+#                    method or model (methods=grpo) is a run of its own; give a variant of a run its own EXP]
+#   OUTPUT_DIR       checkpoints (and tensorboard/ under it)  [<repo>/checkpoints/<project_name>/<experiment_name>,
+#                    the composed names, as a Hydra interpolation]
 #   PYTHON           interpreter                        [python3]
 #   DRY_RUN=1        (or --dry-run) print the command and the composed config (YAML, on stdout), launch nothing;
 #                    missing data files are listed instead of stopping it
@@ -84,7 +86,10 @@ calibrl_env_overrides() {
   fi
   : "${TRAIN_FILES:=$CALIBRL_ROOT/data/virl39k/train.parquet}"
   : "${VAL_FILES:=$CALIBRL_ROOT/data/geometry3k/test.parquet,$CALIBRL_ROOT/data/geoqa/test.parquet}"
-  : "${OUTPUT_DIR:=$CALIBRL_ROOT/checkpoints/${PROJECT:-calibrl}/${EXP:-$recipe}}"
+  # the default follows the composed run name (an interpolation Hydra resolves), so methods=grpo on a CalibRL
+  # recipe writes its own folder instead of resuming CalibRL's checkpoints
+  local run_dir='${trainer.project_name}/${trainer.experiment_name}'
+  : "${OUTPUT_DIR:=$CALIBRL_ROOT/checkpoints/$run_dir}"
   OUTPUT_DIR="$(calibrl_abspath "$OUTPUT_DIR")"
   CALIBRL_ENV_ARGS=(
     "data.train_files=$(calibrl_files_list "$TRAIN_FILES")"
@@ -136,13 +141,14 @@ calibrl_launch() {
   case "${1:-}" in -h | --help) calibrl_help; exit 0 ;; esac
   calibrl_env_overrides "$recipe"
   local cmd=(
-    env "TENSORBOARD_DIR=$OUTPUT_DIR/tensorboard" PYTHONUNBUFFERED=1
+    env PYTHONUNBUFFERED=1
     "${PYTHON:-python3}" -m calibrl_verl.main_calibrl "--config-dir=$CALIBRL_RECIPES_DIR" "--config-name=$recipe"
     "${CALIBRL_ENV_ARGS[@]}"
   )
   if [[ "${DRY_RUN:-0}" == 1 ]]; then cmd+=(--dry-run); fi
   cmd+=("$@")
   calibrl_print_command "${cmd[@]}" >&2
-  # main_calibrl checks the config and the input files; verl creates OUTPUT_DIR when it first writes there
+  # main_calibrl checks the config and the input files and points TENSORBOARD_DIR at OUTPUT_DIR/tensorboard;
+  # verl creates OUTPUT_DIR when it first writes there
   exec "${cmd[@]}"
 }

@@ -86,12 +86,12 @@ class ScriptedBackend:
         self.truths = truths
         self.requests: list[Request] = []
 
-    def generate(self, requests: list[Request]) -> list[str]:
+    def generate(self, requests: list[Request]) -> list[list[str]]:
         out = []
         for request in requests:
             i = len(self.requests)
             answer = self.truths[i] if i % 2 == 0 else "wrong"
-            out.append(f"<think>row {i}</think><answer>{answer}</answer>")
+            out.append([f"<think>row {i}</think><answer>{answer}</answer>"])
             self.requests.append(request)
         return out
 
@@ -101,7 +101,8 @@ def test_known_answers_give_the_known_accuracy(tiny: dict[str, Path], tmp_path: 
     args = evaluate.parse_args(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(tmp_path)])
     backend = ScriptedBackend(evaluate.load_processor(str(tiny["model"])), truths)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
-    assert table == [{"benchmark": "val", "n": 4, "accuracy": 50.0, "format_rate": 100.0}]
+    assert table == [{"benchmark": "val", "n": 4, "accuracy": 50.0, "format_rate": 100.0, "k": 1, "pass_at_k": 50.0,
+                      "maj_at_k": 50.0, "coverage": 50.0}]
     assert [len(r.images) for r in backend.requests] == [1] * 4  # one processed image per row reached the model
     assert [r["acc"] for r in read_jsonl(tmp_path / "generations.jsonl")] == [1.0, 0.0, 1.0, 0.0]
     assert "| val | 4 | 50.00 | 100.00 |" in (tmp_path / "results.md").read_text()
@@ -229,14 +230,15 @@ def test_vllm_backend_on_cpu_uses_float32_eager_and_a_bounded_kv_cache(
 
 
 def run_cli(
-    tiny: dict[str, Path], out: Path, backend: str, rows: int, tokens: int, model: str = "model", data: str = "val"
+    tiny: dict[str, Path], out: Path, backend: str, rows: int, tokens: int, model: str = "model", data: str = "val",
+    extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """``python -m calibrl_verl.evaluate`` on a tiny model and parquet (default: VL model, val), as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the module's default applies
     env["CALIBRL_PROGRESS_EVERY"] = "1"
     command = [sys.executable, "-m", "calibrl_verl.evaluate", "--model", str(tiny[model]), "--data",
                str(tiny[data]), "--out", str(out), "--backend", backend, "--limit", str(rows),
-               "--max-new-tokens", str(tokens), "--chunk-size", "1"]  # fmt: skip
+               "--max-new-tokens", str(tokens), "--chunk-size", "1", *extra]  # fmt: skip
     cwd = Path(__file__).resolve().parents[1]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
@@ -326,7 +328,7 @@ def test_running_accuracy_in_progress_lines(
                                 str(tmp_path), "--chunk-size", "1"])  # fmt: skip
     backend = ScriptedBackend(evaluate.load_processor(str(tiny["text_model"])), truths)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
-    assert table == [{"benchmark": "math500", "n": 4, "accuracy": 50.0, "format_rate": 100.0}]
+    assert [(t["benchmark"], t["n"], t["accuracy"], t["format_rate"]) for t in table] == [("math500", 4, 50.0, 100.0)]
     lines = progress_lines(capsys.readouterr().err, "math500")
     assert [(line.split(" rows")[0], line.rsplit(", ", 1)[-1]) for line in lines] == [
         ("[eval math500] 1/4", "acc=100.0%"), ("[eval math500] 2/4", "acc=50.0%"),
@@ -365,3 +367,140 @@ def test_vllm_cli_on_cpu_text_model_matches_the_hf_backend(tiny: dict[str, Path]
     assert all(r["response"] for r in ours)
     assert [r["response"].rstrip("\ufffd") for r in ours] == [r["response"].rstrip("\ufffd") for r in theirs]
     assert (tmp_path / "vllm" / "results.csv").read_text() == (tmp_path / "hf" / "results.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------ sampled evaluation
+def _pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021), written with binomials: 1 - C(n - c, k) / C(n, k)."""
+    import math
+
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _recompute(samples: pd.DataFrame) -> dict[str, Any]:
+    """Every summary figure of one benchmark from its samples.parquet rows, written independently of the module."""
+    groups = [g.sort_values("sample") for _, g in samples.groupby("id")]
+    n = len(groups[0])
+    hits = [int(g.correct.sum()) for g in groups]
+    ks = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+
+    def majority(g: pd.DataFrame) -> bool:
+        answers = [" ".join(a.split()) if isinstance(a, str) else "" for a in g.extracted]
+        counts = {a: answers.count(a) for a in answers if a}
+        if not counts:
+            return False
+        best = next(a for a in answers if a and counts[a] == max(counts.values()))
+        return bool(g.correct.iloc[answers.index(best)])
+
+    return {"n_problems": len(groups), "n_samples": n,
+            "accuracy": 100 * sum(c / n for c in hits) / len(groups),
+            "pass@k": {str(k): 100 * sum(_pass_at_k(n, c, k) for c in hits) / len(groups) for k in ks},
+            f"maj@{n}": 100 * sum(majority(g) for g in groups) / len(groups),
+            "coverage": 100 * sum(c > 0 for c in hits) / len(groups),
+            "format_rate": 100 * float(samples["format"].mean())}
+
+
+def test_pass_at_k_is_chen_et_als_estimator() -> None:
+    from calibrl_verl.eval_metrics import pass_at_k, report_ks
+
+    for n in (1, 2, 5, 16, 64):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+    assert pass_at_k(4, 1, 1) == 0.25 and pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6)  # 1 - C(2, 2) / C(4, 2)
+    assert report_ks(1) == [1] and report_ks(8) == [1, 2, 4, 8] and report_ks(6) == [1, 2, 4, 6]
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_counts_answers_not_samples() -> None:
+    from calibrl_verl.eval_metrics import majority_correct
+
+    assert majority_correct(["3", "4", " 4", None], [True, False, False, False]) is False  # "4" wins 2 to 1
+    assert majority_correct(["3", "4", None, None], [True, False, False, False]) is True  # a tie: the first seen
+    assert majority_correct([None, ""], [False, False]) is False  # no answer at all
+
+
+class SamplingBackend:
+    """Stands in for a sampler: problem p's sample k answers correctly iff k < p (problem 0 is never solved, problem
+    3 of 4 samples three times), the wrong ones with "7" or "8" alternately; problem 1's wrong ones say nothing."""
+
+    def __init__(self, processor: Any, truths: list[str], n: int) -> None:
+        self.processor, self.truths, self.n, self.rows = processor, truths, n, 0
+
+    def generate(self, requests: list[Request]) -> list[list[str]]:
+        out = []
+        for _ in requests:
+            p = self.rows
+            self.rows += 1
+            out.append([f"<think>p{p} s{k}</think><answer>{self.truths[p] if k < p else 7 + k % 2}</answer>"
+                        if k < p or p != 1 else "I do not know" for k in range(self.n)])
+        return out
+
+
+def test_sampled_evaluation_writes_samples_and_a_summary_every_figure_recomputes_from(
+        tiny: dict[str, Path], tmp_path: Path) -> None:
+    truths = pd.read_parquet(tiny["val"])["reward_model"].map(lambda rm: rm["ground_truth"]).tolist()
+    args = evaluate.parse_args(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(tmp_path),
+                                "--n-samples", "4", "--seed", "3"])  # fmt: skip
+    assert (args.temperature, args.top_p) == (1.0, 1.0)  # sampling at the training temperature unless told
+    backend = SamplingBackend(evaluate.load_processor(str(tiny["model"])), [str(t) for t in truths], 4)
+    table = evaluate.run(args, backend_factory=lambda max_images: backend)
+    samples = pd.read_parquet(tmp_path / "samples.parquet")
+    assert list(samples.columns) == list(evaluate.SAMPLE_COLUMNS)
+    assert len(samples) == 16 and samples.groupby("id").size().tolist() == [4] * 4
+    assert samples.correct.tolist() == [k < p for p in range(4) for k in range(4)]
+    summary = json.loads((tmp_path / "summary.json").read_text())["val"]
+    assert {k: summary[k] for k in ("protocol", "temperature", "top_p", "seed")} == {
+        "protocol": "calibrl", "temperature": 1.0, "top_p": 1.0, "seed": 3}
+    want = _recompute(samples)
+    assert summary["pass@k"] == pytest.approx(want.pop("pass@k"))
+    assert {k: summary[k] for k in want} == pytest.approx(want)
+    # by hand: 0, 1, 2, 3 of 4 correct -> mean@4 = 37.5, pass@4 = coverage = 75; maj@4: problem 0 never right,
+    # problem 1's one answered sample is right (the others do not vote), problem 2's right answer wins 2-1-1,
+    # problem 3's 3-1 -> 75
+    assert (summary["accuracy"], summary["pass@k"]["4"], summary["coverage"], summary["maj@4"]) == (37.5, 75, 75, 75)
+    assert summary["pass@k"]["1"] == pytest.approx(37.5) and list(summary["pass@k"]) == ["1", "2", "4"]
+    assert table[0]["pass_at_k"] == 75.0 and "| val | 4 | 37.50 | 75.00 | 75.00 | 75.00 |" in (
+        tmp_path / "results.md").read_text()
+
+
+def test_hf_sampling_draws_k_answers_per_problem_reproducibly(tiny: dict[str, Path], tmp_path: Path) -> None:
+    def sample(seed: int, out: Path) -> pd.DataFrame:
+        evaluate.main(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(out), "--backend",
+                       "hf", "--limit", "2", "--max-new-tokens", "6", "--n-samples", "3", "--seed", str(seed)])
+        return pd.read_parquet(out / "samples.parquet")
+
+    first, again, other = sample(5, tmp_path / "a"), sample(5, tmp_path / "b"), sample(6, tmp_path / "c")
+    assert first[["id", "sample"]].values.tolist() == [[str(p), k] for p in range(2) for k in range(3)]
+    assert first.response.tolist() == again.response.tolist()  # the same seed draws the same answers
+    assert first.response.tolist() != other.response.tolist()
+    assert len(set(first.response)) > 2  # sampled, not one greedy answer repeated (random tiny weights)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())["val"]
+    assert summary["n_samples"] == 3 and summary["pass@k"].keys() == {"1", "2", "3"}
+
+
+def test_sampling_flags_are_checked() -> None:
+    base = ["--model", "m", "--data", "d.parquet"]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*base, "--n-samples", "4", "--temperature", "0"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*base, "--top-p", "0"])
+    assert evaluate.parse_args(base).temperature == 0.0  # one greedy answer by default
+
+
+@needs_vllm
+def test_vllm_cli_on_cpu_samples_k_answers_per_problem(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``--n-samples 3`` through vLLM (its own n and per-request seed): three answers per problem, the summary
+    recomputed from samples.parquet (one engine start, ~1 min on 2 cores)."""
+    run = run_cli(tiny, tmp_path / "vllm", "vllm", 2, 8, extra=("--n-samples", "3", "--seed", "11"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    samples = pd.read_parquet(tmp_path / "vllm" / "samples.parquet")
+    assert samples[["id", "sample"]].values.tolist() == [[str(p), k] for p in range(2) for k in range(3)]
+    assert all(samples.response) and len(set(samples.response)) > 2  # sampled (random weights), not one repeated
+    summary = json.loads((tmp_path / "vllm" / "summary.json").read_text())["val"]
+    want = _recompute(samples)
+    assert summary["pass@k"] == pytest.approx(want.pop("pass@k"))
+    assert {k: summary[k] for k in want} == pytest.approx(want)
+    assert (summary["temperature"], summary["seed"]) == (1.0, 11) and "| mean@3 (%) | pass@3 (%) |" in run.stdout

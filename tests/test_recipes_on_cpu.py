@@ -119,7 +119,7 @@ def test_recipe_has_the_paper_setting_model_and_method(recipe: str) -> None:
     assert cfg.calibrl.loss_mode == loss_mode and cfg.actor_rollout_ref.rollout.n == n
     assert cfg.actor_rollout_ref.model.path == model
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
-    # the launcher's default OUTPUT_DIR (<repo>/checkpoints/calibrl/<recipe>) assumes these two names
+    # the run's name is <loss_mode>_<model> (the model file's interpolation), which is the recipe's file name
     assert cfg.trainer.experiment_name == recipe and cfg.trainer.project_name == "calibrl"
     actor = cfg.actor_rollout_ref.actor
     assert actor.ppo_max_token_len_per_gpu == cfg.data.max_prompt_length + cfg.data.max_response_length
@@ -131,8 +131,8 @@ def test_defaults_list_composes_base_paper_model_method_self(recipe: str) -> Non
     doc = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
     assert doc["defaults"] == ["ppo_trainer", "calibrl_base", "paper", {"models": model}, {"methods": method},
                                "_self_"]  # fmt: skip
-    # the rest is the recipe's own: its name and Hydra's search path (read from the primary config only)
-    assert set(doc) == {"hydra", "defaults", "trainer"} and doc["trainer"] == {"experiment_name": recipe}
+    # the rest is Hydra's search path (read from the primary config only); the run's name comes from the model file
+    assert set(doc) == {"hydra", "defaults"}
 
 
 @pytest.mark.parametrize("recipe", sorted(ALL_RECIPES))
@@ -226,7 +226,7 @@ def test_a_new_recipe_is_one_yaml_file(tmp_path: Path) -> None:
     unresolved = OmegaConf.to_container  # interpolations of experiment_name (e.g. the checkpoint dir) follow it
     assert differences(unresolved(base), unresolved(cfg)) == [
         ".calibrl.gap: 'token' != 'sequence'", ".calibrl.sequence_norm: 'sum' != 'mean'",
-        f".trainer.experiment_name: 'calibrl_qwen2_5vl_7b' != '{name}'",
+        f".trainer.experiment_name: '${{calibrl.loss_mode}}_qwen2_5vl_7b' != '{name}'",
     ]  # fmt: skip
     prepare_config(cfg)
 
@@ -283,7 +283,8 @@ def test_dry_run_prints_the_legacy_config(env: dict[str, str], tmp_path: Path) -
     result = run_script("run_calibrl_qwen2_5vl_7b.sh", env, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     command = printed_command(result.stderr)
-    assert command[:2] == ["env", f"TENSORBOARD_DIR={REPO}/checkpoints/calibrl/calibrl_qwen2_5vl_7b/tensorboard"]
+    assert command[:2] == ["env", "PYTHONUNBUFFERED=1"]
+    assert f"run calibrl_qwen2_5vl_7b, checkpoints in {REPO}/checkpoints/calibrl/calibrl_qwen2_5vl_7b" in result.stderr
     assert command[command.index(LAUNCHER) + 1 : command.index(LAUNCHER) + 3] == [
         f"--config-dir={RECIPES}", "--config-name=calibrl_qwen2_5vl_7b"]  # fmt: skip
     assert "the config passed every check; nothing launched" in result.stderr
@@ -301,7 +302,7 @@ def test_environment_variables_and_user_overrides(env: dict[str, str], tmp_path:
     assert result.returncode == 0, result.stderr[-3000:]
     command = printed_command(result.stderr)
     assert command[-4:] == ["--dry-run", *user]  # the user's overrides come last, so they win
-    assert f"TENSORBOARD_DIR={tmp_path}/rel/out/tensorboard" in command
+    assert f"trainer.default_local_dir={tmp_path}/rel/out" in command
     cfg = yaml.safe_load(result.stdout)
     trainer = cfg["trainer"]
     assert (trainer["nnodes"], trainer["n_gpus_per_node"], trainer["project_name"], trainer["experiment_name"]) == (
@@ -347,7 +348,7 @@ def test_text_recipe_defaults_list_adds_text_between_paper_and_model(recipe: str
     doc = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
     assert doc["defaults"] == ["ppo_trainer", "calibrl_base", "paper", "text", {"models": "qwen2_5_math_7b"},
                                {"methods": TEXT_RECIPES[recipe][0]}, "_self_"]  # fmt: skip
-    assert set(doc) == {"hydra", "defaults", "trainer"} and doc["trainer"] == {"experiment_name": recipe}
+    assert set(doc) == {"hydra", "defaults"}
 
 
 @pytest.mark.parametrize("recipe", sorted(TEXT_RECIPES))
@@ -364,7 +365,7 @@ def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> N
         ".data.max_response_length: 4096 != 3072",
         ".data.train_files: ['data/virl39k/train.parquet'] != ['data/openr1_math/train.parquet']",
         ".data.val_files: ['data/geometry3k/test.parquet', 'data/geoqa/test.parquet'] != ['data/math500/test.parquet']",
-        f".trainer.experiment_name: '{method}_qwen2_5vl_7b' != '{recipe}'",
+        ".trainer.experiment_name: '${calibrl.loss_mode}_qwen2_5vl_7b' != '${calibrl.loss_mode}_qwen2_5_math_7b'",
     ]  # fmt: skip
 
 
@@ -412,3 +413,37 @@ def test_text_run_script_defaults_to_the_text_data(env: dict[str, str]) -> None:
     assert _printed_data_files(result)[0] == f"data.train_files=[{env['TRAIN_FILES']}]"
     cfg = yaml.safe_load(result.stdout)
     assert cfg["actor_rollout_ref"]["model"]["path"] == "Qwen/Qwen2.5-Math-7B"
+
+
+@pytest.mark.parametrize(("swap", "name", "n"), [("methods=grpo", "grpo_qwen2_5vl_7b", 10),
+                                                 ("models=qwen2_5vl_3b", "calibrl_qwen2_5vl_3b", 11),
+                                                 ("calibrl.loss_mode=luffy", "luffy_qwen2_5vl_7b", 11)])
+def test_a_swapped_method_or_model_is_a_run_of_its_own(env: dict[str, str], swap: str, name: str, n: int) -> None:
+    """The run's name and checkpoint folder follow the composed method and model: a GRPO swap on the CalibRL recipe
+    never resumes CalibRL's checkpoints (verl's resume_mode=auto would), and keeps CalibRL's 10 on-policy samples."""
+    result = run_script("run_calibrl_qwen2_5vl_7b.sh", env, "--dry-run", swap)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trainer = yaml.safe_load(result.stdout)["trainer"]
+    assert trainer["experiment_name"] == name
+    assert trainer["default_local_dir"] == f"{REPO}/checkpoints/calibrl/{name}"
+    assert yaml.safe_load(result.stdout)["actor_rollout_ref"]["rollout"]["n"] == n
+
+
+def test_the_readme_train_command_passes_a_dry_run(tmp_path: Path) -> None:
+    """README "## Train": its command, with its data paths made to exist, composes and passes every start-up check."""
+    section = (REPO / "README.md").read_text().split("\n## Train\n", 1)[1]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    python -m calibrl_verl.main_calibrl"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))
+    argv = shlex.split(" ".join(line.removesuffix("\\") for line in lines[start : end + 1]))
+    for key in ("data.train_files=", "data.val_files="):  # the README's relative paths, here under tmp_path
+        path = tmp_path / next(a for a in argv if a.startswith(key)).split("=", 1)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    result = subprocess.run([sys.executable, *argv[1:], "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the config passed every check; nothing launched" in result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["data"]["train_batch_size"] == 480 and cfg["actor_rollout_ref"]["rollout"]["n"] == 11
+    assert cfg["calibrl"]["alpha"] == 0.5 and cfg["trainer"]["experiment_name"] == "calibrl_qwen2_5vl_7b"

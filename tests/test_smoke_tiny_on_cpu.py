@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -138,10 +139,17 @@ def test_killed_run_resumes_to_the_same_next_step(out: Path) -> None:
     assert first.kill() > 3  # the driver and its Ray cluster (raylet, workers), all SIGKILLed
     assert smoke.tagged_pids(first.tag) == []
     assert not (killed / "checkpoints" / "global_step_3").exists()
+    # the resumed launch logs into the killed launch's metrics file (a copy: launch1.jsonl stays as it was)
+    killed_steps = [json.loads(line)["step"] for line in (killed / "launch1.jsonl").read_text().splitlines()]
+    shutil.copyfile(killed / "launch1.jsonl", killed / "launch2.jsonl")
     resumed = smoke.launch(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch2",
                            timeout=TIMEOUT)
 
-    assert [json.loads(line)["step"] for line in resumed.read_text().splitlines() if line.strip()] == [3]
+    # nothing logged before the restart is lost (verl's file logger alone would leave [3]): the killed launch's
+    # steps (step 2's line only if the kill came after it, not between step 2's checkpoint and its log line),
+    # then the resumed step 3, each once, in order
+    assert killed_steps in ([1], [1, 2])
+    assert [json.loads(line)["step"] for line in resumed.read_text().splitlines() if line.strip()] == [*killed_steps, 3]
     a, b = _step(straight / "metrics.jsonl", 3), _step(resumed, 3)
     # the CalibRL state: past the warm-up in both, and the same seeded mixing draw
     assert a["calibrl/expert_groups_frac"] == b["calibrl/expert_groups_frac"]

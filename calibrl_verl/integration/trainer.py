@@ -50,7 +50,7 @@ from verl.workers.utils.padding import response_to_nested
 from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.data.expert_column import expert_traces
-from calibrl_verl.integration import actor_loss, step_dump
+from calibrl_verl.integration import actor_loss, step_dump, tracking
 from calibrl_verl.integration.agent_loop import EXPERT_TEXT
 from calibrl_verl.integration.registry import ADV_EXTRAS
 from calibrl_verl.integration.stage_io import VerlDriftError, stage_io
@@ -63,6 +63,9 @@ from calibrl_verl.integration.step_fields import (
 )
 
 TRAINER_NAME = "calibrl"
+# the plugin installs it too, but verl's plugin loading swallows errors: here a broken install fails loudly, in the
+# process that builds verl's Tracking
+tracking.install()
 # verl 0.9.1's sync ReplayBuffer polls TransferQueue for finished rollouts every 2 s (a constructor default no
 # config key reaches), so a step whose rollouts finish after 2.1 s waits until 4 s. A poll is one metadata read.
 REPLAY_POLL_INTERVAL_S = 0.2
