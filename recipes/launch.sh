@@ -28,16 +28,18 @@
 #   PYTHON           interpreter                        [python3]
 #   DRY_RUN=1        (or --dry-run) print the command and the composed config (YAML, on stdout), launch nothing;
 #                    missing data files are listed instead of stopping it
-#   WANDB_API_KEY    when set, wandb joins the console + tensorboard loggers
+#   WANDB_API_KEY    when set, or after `wandb login` (its key in ~/.netrc, or $NETRC), wandb joins the console +
+#                    tensorboard loggers
 #
 # Multi-node (NNODES > 1): verl runs on one Ray cluster that spans the nodes.
 #   node 0:        ray start --head --port=6379 --num-gpus=8
 #   other nodes:   ray start --address=<node-0 IP>:6379 --num-gpus=8
-#   node 0:        NNODES=2 bash recipes/run_calibrl_qwen2_5vl_7b.sh
+#   node 0:        NNODES=2 bash recipes/run_calibrl_qwen2_5vl_7b.sh actor_rollout_ref.actor.ppo_mini_batch_size=96
 # Every node needs the same Python environment (this package installed: its verl plugin registers CalibRL in
 # each Ray worker) and the same model and data paths (shared file system or identical copies). verl splits each
-# PPO mini-batch (prompts x rollout.n rows) evenly over all GPUs: 120 x 11 rows do not split over 16 GPUs, so
-# main_calibrl stops and names a mini-batch size that does (e.g. actor_rollout_ref.actor.ppo_mini_batch_size=96).
+# PPO mini-batch (prompts x rollout.n rows) evenly over all GPUs: the paper's 120 x 11 rows do not split over 16
+# GPUs, so without the override main_calibrl stops and names a size that does for both 11 and 10 rows (96); give
+# the GRPO / LUFFY / RL-PLUS runs of a comparison the same value.
 
 CALIBRL_RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CALIBRL_ROOT="$(dirname "$CALIBRL_RECIPES_DIR")"
@@ -96,7 +98,7 @@ calibrl_env_overrides() {
     "data.val_files=$(calibrl_files_list "$VAL_FILES")"
   )
   [[ -z "${MODEL_PATH:-}" ]] || CALIBRL_ENV_ARGS+=("actor_rollout_ref.model.path=$MODEL_PATH")
-  [[ -z "${WANDB_API_KEY:-}" ]] || CALIBRL_ENV_ARGS+=("trainer.logger=[console,tensorboard,wandb]")
+  if calibrl_wandb_ready; then CALIBRL_ENV_ARGS+=("trainer.logger=[console,tensorboard,wandb]"); fi
   [[ -z "${PROJECT:-}" ]] || CALIBRL_ENV_ARGS+=("trainer.project_name=$PROJECT")
   [[ -z "${EXP:-}" ]] || CALIBRL_ENV_ARGS+=("trainer.experiment_name=$EXP")
   CALIBRL_ENV_ARGS+=("trainer.default_local_dir=$OUTPUT_DIR")
@@ -105,6 +107,11 @@ calibrl_env_overrides() {
     calibrl_positive_int N_GPUS_PER_NODE
     CALIBRL_ENV_ARGS+=("trainer.n_gpus_per_node=$N_GPUS_PER_NODE")
   fi
+}
+
+# wandb can log: a key in the environment, or `wandb login`'s entry for api.wandb.ai in the netrc file
+calibrl_wandb_ready() {
+  [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "${NETRC:-$HOME/.netrc}"
 }
 
 # Bare when shell-safe, else single-quoted: the printed command can be pasted back into a shell.
