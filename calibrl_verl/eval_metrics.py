@@ -15,6 +15,7 @@ Every figure is reported in percent, averaged over the benchmark's problems.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         miss *= 1.0 - k / i
     return 1.0 - miss
+
+
+def expected_pass_at_k(p: float, k: int) -> float:
+    """pass@k of one problem whose samples are each correct with probability ``p``, independently: 1 - (1 - p)^k.
+
+    For a task with one correct completion (exact match) ``p`` is the model's probability of that completion at the
+    sampling temperature (``calibrl_verl.tiny.wall_task.gold_logprobs``), so this is the value the unbiased
+    estimator ``pass_at_k`` scatters around, without sampling noise. Computed as -expm1(k * log1p(-p)), exact for
+    the tiny p of a hard problem."""
+    if not 0.0 <= p <= 1.0 or k < 1:
+        raise ValueError(f"expected pass@k needs 0 <= p <= 1 and k >= 1, got p={p}, k={k}")
+    return 1.0 if p == 1.0 else -math.expm1(k * math.log1p(-p))
 
 
 def report_ks(n: int) -> list[int]:

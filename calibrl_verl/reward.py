@@ -20,6 +20,11 @@ lists each difference and why.
   tags. ``acc`` needs exactly one complete ``<answer>`` block: none, an empty one or MORE THAN ONE gives
   ``acc = 0`` (listing several candidate answers is not rewarded).
 
+Exact-match tasks (``EXACT_MATCH_SOURCES``: the coverage study's navigation task, ``calibrl_verl.tiny.wall_task``)
+are graded by ``exact_match_score`` instead: ``score = acc`` = 1 iff the response, its words re-joined by single
+spaces, equals the ground truth; ``fmt`` is 1 iff the response follows the task's ``S n A n ... S n`` grammar. The
+task's published reward is the exact match alone, so ``fmt`` is reported but adds nothing to the score.
+
 In both, text outside ``<answer>`` tags is never graded, and the grading itself is ours: multiple-choice
 ground truths (an option letter ``A``-``K``, as in the authors' code, such as ``A``, ``(B)``, ``C.`` or
 ``D) 12``) are compared by option letter; everything else is normalised (LaTeX wrappers, ``\\text{}``, units,
@@ -56,6 +61,9 @@ except ImportError:  # pragma: no cover
     math_verify = None
 
 FORMAT_WEIGHT = 0.1
+# data sources graded by exact match of the whole response (no think/answer format)
+EXACT_MATCH_SOURCES = frozenset({"calibrl_wall"})
+_NAVIGATION_RE = re.compile(r"^S \d+(?: A \d+ S \d+)*$")
 MAX_SYMBOLIC_LEN = 100
 MAX_ANSWER_LEN = 1000
 OPTION_LETTERS = "ABCDEFGHIJK"  # the authors' code treats A-K as option letters
@@ -111,6 +119,8 @@ def compute_score(
         raise TypeError(f"compute_score: reward_kwargs strict_format must be true or false, got {strict_format!r}")
     if not isinstance(solution_str, str):
         return _result(0.0, 0.0)
+    if data_source in EXACT_MATCH_SOURCES:
+        return exact_match_score(solution_str, ground_truth)
     try:
         fmt = format_reward(solution_str) if strict_format else authors_format_reward(solution_str)
         acc = accuracy_reward(solution_str, ground_truth, strict_format=strict_format)
@@ -121,6 +131,14 @@ def compute_score(
 
 def _result(acc: float, fmt: float) -> dict:
     return {"score": acc + FORMAT_WEIGHT * fmt, "acc": acc, "format": fmt}
+
+
+def exact_match_score(response: str, ground_truth: Any) -> dict:
+    """``{"score": acc, "acc": 1 iff " ".join(response.split()) == ground truth, "format": 1 iff the response is
+    ``S n (A n S n)*``}``: the navigation task's reward (an exact match of the whole completion, nothing else)."""
+    words = " ".join(response.split())
+    acc = float(isinstance(ground_truth, str) and words == " ".join(ground_truth.split()))
+    return {"score": acc, "acc": acc, "format": float(bool(_NAVIGATION_RE.match(words)))}
 
 
 def format_reward(response: str) -> float:

@@ -3,6 +3,7 @@
     python -m calibrl_verl.smoke run --out outputs/tiny_cpu [--steps 3] [--loss-mode calibrl] [hydra overrides]
         [--family qwen3_vl]   (the tiny Qwen3-VL instead of the tiny Qwen2.5-VL)
         [--family text]       (the tiny text-only Qwen2 on the text task: calibrl_verl.tiny.text_task)
+        [--family wall]       (the coverage study's navigation task and model: calibrl_verl.tiny.wall_task)
     python -m calibrl_verl.smoke check outputs/tiny_cpu/calibrl/metrics.jsonl --steps 3 --loss-mode calibrl \
         [--dump-dir outputs/tiny_cpu/calibrl/dump [the run's hydra overrides]]
 
@@ -49,10 +50,10 @@ def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, de
                      save_freq: int | None = None, family: str = "qwen2_5_vl") -> list[str]:
     """The tiny recipe: 4 prompts x (4 samples + 1 expert), short responses, checkpoints in ``run_dir``.
 
-    A checkpoint is saved every ``save_freq`` steps (default: at the last step only). ``family="text"``: the
-    text-only model (no processor) on the text task's rows, which have no images.
+    A checkpoint is saved every ``save_freq`` steps (default: at the last step only). ``family="text"`` or
+    ``"wall"``: the text-only model (no processor) on that task's rows, which have no images.
     """
-    text = family == "text"
+    text = family in ("text", "wall")
     args = [
         f"data.train_files={tiny.train_files(assets)}", f"data.val_files={tiny.val_files(assets)}",
         "data.image_key=images", f"data.train_batch_size={PROMPTS_PER_STEP}", "data.max_prompt_length=512",
@@ -277,7 +278,7 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--loss-mode", default="calibrl", choices=["calibrl", "grpo", "luffy", "rlplus"])
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    r.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "text"],
+    r.add_argument("--family", default="qwen2_5_vl", choices=list(tiny.FAMILIES),
                    help="the tiny model (calibrl_verl.tiny.build --family)")
     c = sub.add_parser("check")
     c.add_argument("metrics", type=Path)

@@ -293,10 +293,11 @@ def test_every_fault_path_ends_solved_or_failed_with_its_reason(fault_run: dict[
     assert (summary["prompt_tokens"], summary["completion_tokens"]) == (1300, 260)
 
 
-def test_retry_after_is_honoured_and_back_off_is_short(fault_run: dict[str, Any]) -> None:
-    times = {p: [r["time"] for r in fault_run["server"].log if r["problem"] == p] for p in ("P3", "P4")}
-    assert times["P3"][1] - times["P3"][0] >= 1.0  # Retry-After: 1, while the back-off base is 0.01 s
-    assert times["P4"][1] - times["P4"][0] < 0.5
+def test_retry_after_is_honoured(fault_run: dict[str, Any]) -> None:
+    """A lower bound only, which load cannot break: the back-off's own length is the unit test's
+    (``test_back_off_grows_with_jitter_and_honours_retry_after``), not a wall-clock upper bound here."""
+    times = [r["time"] for r in fault_run["server"].log if r["problem"] == "P3"]
+    assert len(times) == 2 and times[1] - times[0] >= 1.0  # Retry-After: 1, while the back-off base is 0.01 s
 
 
 def test_cache_records_every_attempt(fault_run: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from calibrl_verl.data.expert_column import expert_traces
-from calibrl_verl.reward import format_reward
+from calibrl_verl.reward import EXACT_MATCH_SOURCES, exact_match_score, format_reward
 
 IMAGE_TOKEN = "<image>"
 MAX_LISTED_ERRORS = 20
@@ -259,11 +259,13 @@ def check_ground_truth(value: Any, column: str, where: tuple[str, int]) -> list[
     return [Finding("ground_truth_missing", where[0], where[1], f"{column}.ground_truth", detail)]
 
 
-def check_expert(value: Any, column: str, where: tuple[str, int], tokenizer: Any, max_tokens: int | None) -> list:
-    """Counted expert findings: missing, not in think/answer form, longer than the response budget.
+def check_expert(value: Any, column: str, where: tuple[str, int], tokenizer: Any, max_tokens: int | None,
+                 data_source: Any = None) -> list:
+    """Counted expert findings: missing, not in the reward's format, longer than the response budget.
 
     The column holds one trace or a list of them (``data.expert_column``); each trace is checked, a finding names
-    the trace's place in the list.
+    the trace's place in the list. The format is think/answer, or for an exact-match task
+    (``reward.EXACT_MATCH_SOURCES``) that task's own grammar.
     """
     path, row = where
     traces = expert_traces(value)
@@ -273,7 +275,10 @@ def check_expert(value: Any, column: str, where: tuple[str, int], tokenizer: Any
     findings = []
     for i, trace in enumerate(traces):
         which = f"{column}[{i}]" if not isinstance(value, str) else column
-        if format_reward(trace) != 1.0:
+        if data_source in EXACT_MATCH_SOURCES:
+            if exact_match_score(trace, trace)["format"] != 1.0:
+                findings.append(Finding("expert_bad_format", path, row, which, f"not in {data_source}'s format"))
+        elif format_reward(trace) != 1.0:
             findings.append(Finding("expert_bad_format", path, row, which, "not <think>..</think><answer>..</answer>"))
         if tokenizer is not None and max_tokens is not None:
             n = len(tokenizer.encode(trace, add_special_tokens=False)) + 1  # + end-of-turn, as the agent loop does
@@ -347,7 +352,8 @@ def _check_row(row: dict, where: tuple[str, int], s: _Settings, seen: dict, base
         findings.append(Finding("image_count_mismatch", where[0], where[1], s.image_key or "images", message))
     findings += check_ground_truth(row.get("reward_model"), "reward_model", where)
     if s.expert_key is not None:
-        findings += check_expert(row.get(s.expert_key), s.expert_key, where, s.tokenizer, s.max_response_tokens)
+        findings += check_expert(row.get(s.expert_key), s.expert_key, where, s.tokenizer, s.max_response_tokens,
+                                 row.get("data_source"))
     findings += check_ids(row.get("extra_info"), "extra_info", where, seen)
     return findings
 
@@ -395,7 +401,7 @@ def validate_parquet(
 
 
 def _check_rows(parquet: pq.ParquetFile, names: list[str], s: _Settings, report: ValidationReport, base: Path) -> None:
-    wanted = [s.prompt_key, s.image_key, s.expert_key, "reward_model", "extra_info"]
+    wanted = [s.prompt_key, s.image_key, s.expert_key, "reward_model", "extra_info", "data_source"]
     columns = [name for name in dict.fromkeys(wanted) if name is not None and name in names]
     seen: dict[tuple[str, Any], int] = {}
     for position, row in _rows(parquet, columns):

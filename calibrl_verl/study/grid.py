@@ -144,28 +144,37 @@ def _attempts(rdir: Path) -> list[dict[str, Any]]:
 
 def run_one(out: Path, method: Method, seed: int, cfg: StudyConfig) -> dict[str, Any]:
     """Train one (method, seed) to ``cfg.steps`` unless already done; returns its ``done.json`` or a failure."""
-    rdir = run_dir(out, method.name, seed)
+    return resumable_launch(run_dir(out, method.name, seed), run_overrides(out, method, seed, cfg),
+                            {"method": method.name, "seed": seed}, cfg.steps, cfg.timeout)
+
+
+def resumable_launch(rdir: Path, overrides: list[str], key: dict[str, Any], steps: int,
+                     timeout: int) -> dict[str, Any]:
+    """One study run in ``rdir``: skipped when its ``done.json`` has ``steps``, else one more launch (verl resumes
+    from the run's last checkpoint), recorded in ``attempts.json``. Returns ``done.json`` (``key`` plus steps,
+    launches and seconds) or ``key`` with the failure's ``error``: one failed run must not stop a grid."""
     done = rdir / "done.json"
-    if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
+    label = " ".join(f"{k} {v}" for k, v in key.items())
+    if done.exists() and json.loads(done.read_text())["steps"] == steps:
         return json.loads(done.read_text())
     attempts = _attempts(rdir)
     name = f"launch{len(attempts) + 1}"
-    print(f"[study] {method.name} seed {seed}: {name} ({'resuming' if attempts else 'fresh'})", flush=True)
+    print(f"[study] {label}: {name} ({'resuming' if attempts else 'fresh'})", flush=True)
     t0 = time.time()
     error = None
     try:
-        smoke.launch(rdir, run_overrides(out, method, seed, cfg), "cpu", name=name, timeout=cfg.timeout)
-    except Exception as err:  # noqa: BLE001 - one failed run must not lose the rest of the grid; it is recorded
+        smoke.launch(rdir, overrides, "cpu", name=name, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - recorded, and the grid goes on
         error = f"{type(err).__name__}: {str(err)[-2000:]}"
     attempts.append({"launch": name, "seconds": round(time.time() - t0, 1), "error": error})
     (rdir / "attempts.json").write_text(json.dumps(attempts, indent=2))
     if error is not None:
-        print(f"[study] {method.name} seed {seed} FAILED ({rdir / name}.log): {error[:300]}", flush=True)
-        return {"method": method.name, "seed": seed, "error": error}
-    record = {"method": method.name, "seed": seed, "steps": cfg.steps, "launches": len(attempts),
+        print(f"[study] {label} FAILED ({rdir / name}.log): {error[:300]}", flush=True)
+        return {**key, "error": error}
+    record = {**key, "steps": steps, "launches": len(attempts),
               "seconds": round(sum(a["seconds"] for a in attempts), 1)}
     done.write_text(json.dumps(record, indent=2))
-    print(f"[study] {method.name} seed {seed}: done in {attempts[-1]['seconds']:.0f} s", flush=True)
+    print(f"[study] {label}: done in {attempts[-1]['seconds']:.0f} s", flush=True)
     return record
 
 

@@ -2,6 +2,7 @@
 
 Build them with ``python -m calibrl_verl.tiny.build --out DIR`` (about 20-30 s on 2 CPU cores, no downloads);
 ``--family text`` builds a text-only Qwen2 and a synthetic arithmetic task instead (``text_task``).
+``--family wall`` builds the coverage study's navigation task and model (``wall_task``).
 ``--family qwen3_vl`` builds a tiny Qwen3-VL instead of the Qwen2.5-VL (``qwen3_vl``); ``load_vl`` reloads either.
 Submodules import torch/transformers lazily through this package so ``import calibrl_verl.tiny`` stays cheap.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_vl", "model_dir", "text_model_dir", "train_files", "val_files"]
+__all__ = ["FAMILIES", "load_vl", "model_dir", "text_model_dir", "train_files", "val_files"]
+
+# what ``python -m calibrl_verl.tiny.build --family`` builds (kept here so callers need not import torch)
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "text", "wall")
 
 
 def model_dir(root: str | Path) -> Path:

@@ -3,6 +3,8 @@
     python -m calibrl_verl.tiny.build --out DIR [--n-train N --n-val N --seed S --warmstart-steps K]
                                       [--family qwen2_5_vl|qwen3_vl]   (the VL model in DIR/model)
                                       [--family text]   (the text task instead: calibrl_verl.tiny.text_task)
+                                      [--family wall]   (the coverage study's navigation task:
+                                                         calibrl_verl.tiny.wall_task)
 
 Writes DIR/model (VL model + processor), DIR/text_model (text-only Qwen2 + tokenizer), DIR/data/train.parquet,
 DIR/data/val.parquet and DIR/build_info.json (sizes, timings, warm-start loss and measured accuracy).
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calibrl_verl import tiny
 from calibrl_verl.tiny.models import build_processor, build_text_model, build_tokenizer, build_vl_model
 from calibrl_verl.tiny.task import make_items, tokenizer_corpus, write_parquet
 from calibrl_verl.tiny.warmstart import torch_threads, warm_start_and_probe
@@ -28,7 +31,8 @@ DEFAULT_WARMSTART_ITEMS = 256
 # the tiny VL models (calibrl_verl.tiny.models: Qwen2.5-VL, the default; calibrl_verl.tiny.qwen3_vl: Qwen3-VL)
 VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 # text: a text-only Qwen2 on a text-only task, no VL model (calibrl_verl.tiny.text_task.build_text)
-FAMILIES = (*VL_FAMILIES, "text")
+# wall: the published navigation task and model of the coverage study (calibrl_verl.tiny.wall_task.build_wall)
+FAMILIES = tiny.FAMILIES
 
 
 def build(
@@ -37,15 +41,26 @@ def build(
     n_val: int = 32,
     seed: int = 0,
     warmstart_steps: int | None = None,
-    n_warmstart: int = DEFAULT_WARMSTART_ITEMS,
+    n_warmstart: int | None = None,
     eval_samples: int = 64,
     threads: int = 1,
     family: str = "qwen2_5_vl",
 ) -> dict[str, Any]:
     """Build every tiny asset under ``out`` and return (and save) a summary of what was built.
 
-    ``family`` picks the VL model saved in ``out/model``: the tiny Qwen2.5-VL (default) or Qwen3-VL."""
+    ``family`` picks the VL model saved in ``out/model``: the tiny Qwen2.5-VL (default) or Qwen3-VL; ``text`` and
+    ``wall`` build a text-only model and task instead. For ``wall``, ``n_warmstart`` is the SFT split's size
+    (default ``wall_task.DEFAULT_SFT_ITEMS``; the SFT is one epoch, so ``warmstart_steps`` does not apply) and
+    ``eval_samples`` the samples per problem of its pass@1 / coverage probe (0: no probe)."""
     with torch_threads(threads):
+        if family == "wall":
+            from calibrl_verl.tiny import wall_task
+
+            if warmstart_steps is not None:
+                raise ValueError("--warmstart-steps: the wall task's SFT is one epoch; size it with --warmstart-items")
+            n_sft = wall_task.DEFAULT_SFT_ITEMS if n_warmstart is None else n_warmstart
+            return wall_task.build_wall(out, n_train, n_val, seed, n_sft, eval_samples)
+        n_warmstart = DEFAULT_WARMSTART_ITEMS if n_warmstart is None else n_warmstart
         if family == "text":  # its own tokenizer corpus, model, task and warm-start length; no VL model
             from calibrl_verl.tiny import text_task
 
@@ -114,10 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmstart-steps", type=int, default=None,
                         help=f"SFT steps (0: random; default {DEFAULT_WARMSTART_STEPS}, 200 for --family text)")
-    parser.add_argument("--warmstart-items", type=int, default=DEFAULT_WARMSTART_ITEMS, help="SFT split size")
-    parser.add_argument("--eval-samples", type=int, default=64, help="val items for the accuracy probe (0: skip)")
+    parser.add_argument("--warmstart-items", type=int, default=None,
+                        help=f"SFT split size (default {DEFAULT_WARMSTART_ITEMS}; --family wall: one epoch over "
+                             "24000 problems)")
+    parser.add_argument("--eval-samples", type=int, default=64,
+                        help="val items for the accuracy probe (--family wall: samples per problem; 0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on shared cores)")
-    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES, help="the tiny VL model's family, or text")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES,
+                        help="the tiny VL model's family, text or wall")
     return parser.parse_args(argv)
 
 
