@@ -389,6 +389,7 @@ def compute_calibrl_guide_loss(
     global_batch_size: float | torch.Tensor | None = None,
     loss_scale_factor: float | None = None,
     expert_baseline: torch.Tensor | None = None,
+    all_wrong_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The calibration (guide) loss L_guide over on-policy rows (docs/algorithm.md §1.7); never over expert rows.
 
@@ -412,6 +413,7 @@ def compute_calibrl_guide_loss(
 
     Log-probs are floored at LOG_PROB_FLOOR first, so -inf never reaches the loss. Computed in float32 whatever
     the input dtype; the gradient comes back in ``log_prob``'s dtype.
+    ``all_wrong_weight`` w replaces |A_i| in g_i for the rows ``guide_weight`` names (default 0: the paper).
     Metrics: gate_full_frac (share of guided tokens/responses on the slope-1 side), gap_mean (mean d over
     them), rareness_mean (mean |A_i| over the rows passed in), guided_frac (share of rows with an expert).
     """
@@ -423,7 +425,7 @@ def compute_calibrl_guide_loss(
         has_expert = _row_any(emask).float()
         neg_sign = 1.0 - 2.0 * correct.reshape(-1).to(device=log_prob.device, dtype=torch.float32)  # -s_i
         rareness = _row_abs_advantage(advantages)
-        weight = rareness * has_expert  # rows without an expert: no guide
+        weight = guide_weight(rareness, neg_sign, all_wrong_weight) * has_expert  # rows without an expert: none
         agg = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                    loss_scale_factor=loss_scale_factor)
         if gap == "token":
@@ -439,6 +441,21 @@ def compute_calibrl_guide_loss(
     if not need_grad:
         return value, metrics
     return _LossWithGradient.apply(log_prob, value, grad_mat, grad_row, floored), metrics
+
+
+def guide_weight(rareness: torch.Tensor, neg_sign: torch.Tensor, all_wrong_weight: float) -> torch.Tensor:
+    """The guide weight w_i of a row (docs/algorithm.md §1.7, calibrl.all_wrong_weight):
+
+        w_i = all_wrong_weight   if A_i = 0 and s_i = -1   (a wrong row in a group with no outcome signal:
+                                                            with GRPO's centred advantage, every on-policy
+                                                            answer of the group scored the same)
+        w_i = |A_i|              otherwise                 (the paper's group rareness)
+
+    With the default 0 the two cases agree (|A_i| = 0), so all-wrong groups get no guidance, as in the paper.
+    """
+    if not all_wrong_weight:
+        return rareness
+    return torch.where((rareness == 0) & (neg_sign > 0), rareness.new_tensor(float(all_wrong_weight)), rareness)
 
 
 def _token_guide(

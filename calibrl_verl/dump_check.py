@@ -28,6 +28,7 @@ The rules, as written again here (docs/algorithm.md states them):
   |A_i| * LeakyReLU_alpha(-s_i * (max(lp_t, -20) - l^e_t)) (l^e_t = 0 past the expert's end with ``tail=zero``; those
   tokens left out with ``tail=mask``), divided by every on-policy response token; sequence gap,
   |A_i| * LeakyReLU_alpha(-s_i * (S(lp_i) - S(l^e))) summed over guided rows, divided by the on-policy responses.
+  A wrong row with A_i = 0 (its group all wrong) is weighted by ``all_wrong_weight`` instead of |A_i|.
 * ``calibrl/luffy_expert_loss``: sum over active expert tokens of -A_e * p_t / (p_t + 0.1);
   ``calibrl/rlplus_expert_loss``: of -A_e * p_t / (0.75 p_old_t + 0.25) * (1 - p_t)^0.5; both divided by all the
   tokens the update counts (the dump's ``update_tokens``, summed over the step, itself checked above).
@@ -78,6 +79,7 @@ class RunSettings:
     tail: str = "zero"
     sequence_norm: str = "sum"
     alpha: float = 0.5
+    all_wrong_weight: float = 0.0
     pass_threshold: float = 0.1
     norm_adv_by_std: bool = False
     loss_agg_mode: str = "token-mean"
@@ -88,7 +90,7 @@ class RunSettings:
             raise ValueError(f"actor_rollout_ref.actor.loss_agg_mode={self.loss_agg_mode!r}: the dump check "
                              f"recomputes the loss terms for 'token-mean' only")
         # Hydra override strings parse as YAML, where 5e-1 is a string: numbers are cast to their field's type
-        for name in ("mix_ratio", "alpha", "pass_threshold"):
+        for name in ("mix_ratio", "alpha", "all_wrong_weight", "pass_threshold"):
             object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("warmup_grpo_steps", "seed", "dp_ranks"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -244,15 +246,17 @@ def guide_loss(df: pd.DataFrame, want: pd.DataFrame, settings: RunSettings) -> f
         if not guided:
             continue
         own = floored(row.old_log_probs)
+        # a wrong row without outcome signal (its group all wrong) is weighted by all_wrong_weight, not |A| = 0
+        weight = settings.all_wrong_weight if adv == 0 and sign < 0 else abs(adv)
         if settings.gap == "sequence":
             gap = sequence_value(own, settings.sequence_norm) - base
-            total += abs(adv) * float(_leaky(np.asarray(-sign * gap), settings.alpha))
+            total += weight * float(_leaky(np.asarray(-sign * gap), settings.alpha))
             continue
         ref, has = expert_token_baseline(experts[row.uid])
         n = min(len(own), len(ref))
         aligned, covered = np.zeros_like(own), np.zeros(len(own), dtype=bool)
         aligned[:n], covered[:n] = ref[:n], has[:n]
-        terms = abs(adv) * _leaky(-sign * (own - aligned), settings.alpha)
+        terms = weight * _leaky(-sign * (own - aligned), settings.alpha)
         total += float(terms[covered].sum() if settings.tail == "mask" else terms.sum())
     if settings.gap == "sequence":
         return total / max(int(onpolicy.sum()), 1)

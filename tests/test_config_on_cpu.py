@@ -12,6 +12,7 @@ def test_defaults_are_the_authors_code():
     cfg = CalibRLConfig()
     assert cfg.to_dict() == {
         "loss_mode": "calibrl", "expert_key": "solution", "experts_per_group": 1, "alpha": 0.5, "guide_coef": 0.1,
+        "all_wrong_weight": 0.0,
         "pass_threshold": 0.1, "gap": "token", "tail": "zero", "sequence_norm": "sum", "norm_adv_by_std": False,
         "mix_policy": "always", "mix_ratio": 1.0, "pass_rate_range": [0.0, 1.0], "warmup_grpo_steps": 0,
         "expert_overlong": "truncate", "seed": 0, "reward_guard": True, "seeded_rollouts": False,
@@ -53,6 +54,7 @@ def test_from_omegaconf_node_with_overrides():
         ("n_onpolicy", 0, "calibrl.n_onpolicy=0 must be an integer >= 1"),
         ("n_onpolicy", 2.5, "calibrl.n_onpolicy=2.5 must be an integer >= 1"),
         ("n_onpolicy", True, "calibrl.n_onpolicy=True must be an integer >= 1"),
+        ("all_wrong_weight", -0.1, "calibrl.all_wrong_weight"),
         ("allow_verl_mismatch", "yes", "calibrl.allow_verl_mismatch='yes' must be true or false"),
     ],
 )

@@ -192,6 +192,26 @@ def test_token_mode_hand_case_with_tail_zero_and_mask():
     assert m_m["gate_full_frac"] == pytest.approx(3 / 4)
 
 
+@pytest.mark.parametrize("gap", ["token", "sequence"])
+def test_all_wrong_weight_guides_only_wrong_rows_without_outcome_signal(gap):
+    """calibrl.all_wrong_weight w: a wrong row with A = 0 (its group all wrong) is weighted w instead of |A| = 0;
+    a correct row with A = 0 (all correct) keeps 0; rows with A != 0 keep |A|. Hand values, token-mean."""
+    # rows: wrong A=0 | correct A=0 | wrong A=-0.5; each one token, 1 nat above the expert's -2
+    log_prob = torch.tensor([[-1.0], [-1.0], [-1.0]], requires_grad=True)
+    expert, emask = torch.full((3, 1), -2.0), torch.ones(3, 1, dtype=torch.bool)
+    adv = torch.tensor([[0.0], [0.0], [-0.5]])
+    correct = torch.tensor([False, True, False])
+    paper, _ = ca.compute_calibrl_guide_loss(log_prob, expert, emask, adv, correct, torch.ones(3, 1), gap=gap)
+    # wrong and above the expert: slope 1, g = w * 1; correct and above: slope alpha = .5, g = 0 * (-.5) = 0
+    assert paper.item() == pytest.approx((0.0 + 0.0 + 0.5 * 1.0) / 3)
+    loss, m = ca.compute_calibrl_guide_loss(log_prob, expert, emask, adv, correct, torch.ones(3, 1), gap=gap,
+                                            all_wrong_weight=0.3)
+    assert loss.item() == pytest.approx((0.3 * 1.0 + 0.0 + 0.5 * 1.0) / 3)
+    loss.backward()
+    assert log_prob.grad.flatten().tolist() == pytest.approx([0.3 / 3, 0.0, 0.5 / 3])  # pushes wrong rows down
+    assert m["rareness_mean"] == pytest.approx(0.5 / 3)  # the metric stays the group rareness |A|
+
+
 def test_rows_without_expert_add_nothing_but_count_in_the_denominator():
     log_prob = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
     expert = torch.tensor([[-2.0, -2.0], [0.0, 0.0]])

@@ -39,6 +39,7 @@ class CalibRLConfig:
     experts_per_group: int = 1
     alpha: float = 0.5
     guide_coef: float = 0.1
+    all_wrong_weight: float = 0.0
     pass_threshold: float = 0.1
     gap: str = "token"
     tail: str = "zero"
@@ -83,6 +84,7 @@ class CalibRLConfig:
         _require_range("alpha", self.alpha, 0.0, 1.0)
         _require_range("mix_ratio", self.mix_ratio, 0.0, 1.0)
         _require_range("guide_coef", self.guide_coef, 0.0, math.inf)
+        _require_range("all_wrong_weight", self.all_wrong_weight, 0.0, math.inf)
         _require_range("pass_threshold", self.pass_threshold, -math.inf, math.inf)
         if len(self.pass_rate_range) != 2:
             raise CalibRLConfigError(f"calibrl.pass_rate_range={list(self.pass_rate_range)} must be [lo, hi]")

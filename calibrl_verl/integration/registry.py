@@ -146,7 +146,8 @@ def calibrl_policy_loss(
     guide, guide_metrics = core_algos.compute_calibrl_guide_loss(
         log_prob, expert_log_prob, expert_mask, advantages, correct, response_mask,
         alpha=calibrl.alpha, gap=calibrl.gap, tail=calibrl.tail, sequence_norm=calibrl.sequence_norm,
-        loss_agg_mode=loss_agg_mode, expert_baseline=got["expert_baseline"], **info,
+        loss_agg_mode=loss_agg_mode, expert_baseline=got["expert_baseline"],
+        all_wrong_weight=calibrl.all_wrong_weight, **info,
     )
     # this micro-batch's share of the mini-batch mean (normalised like pg_loss); actor_loss aggregates it like
     # verl aggregates pg_loss, so the logged value does not depend on how rows were split into micro-batches

@@ -53,6 +53,7 @@ class Arm:
 
 
 ENTROPY_BONUS = 0.01
+ALL_WRONG_WEIGHT = 1.0  # the largest |A| the paper's weighting gives (a lone correct or wrong answer)
 ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("grpo", "GRPO", "grpo"),
     Arm("grpo_entropy", f"GRPO + entropy bonus {ENTROPY_BONUS}", "grpo",
@@ -62,6 +63,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("calibrl_a0.8", "CalibRL alpha=0.8", "calibrl", ("calibrl.alpha=0.8",)),
     Arm("calibrl_seqgap", "CalibRL sequence gap", "calibrl", ("calibrl.gap=sequence",)),
     Arm("luffy", "LUFFY", "luffy"),
+    # the hypothesis arm: CalibRL with guidance on all-wrong groups, where the paper's |A| = 0 switches it off
+    Arm("calibrl_allwrong", f"CalibRL alpha=0.5, all-wrong weight {ALL_WRONG_WEIGHT}", "calibrl",
+        ("calibrl.alpha=0.5", f"calibrl.all_wrong_weight={ALL_WRONG_WEIGHT}")),
     Arm("sft_then_grpo", "SFT on the RL split, then GRPO", "grpo", sft_on_rl=True),
 )}
 BASELINE = "grpo"
@@ -95,8 +99,9 @@ class CoverageConfig:
 PRESETS: dict[str, CoverageConfig] = {
     "full": CoverageConfig(),
     # the CI version: the pipeline end to end (build, a guided launch, merge, measure, report), not the science; one
-    # launch (~2 minutes) to keep CI short
-    "fast": CoverageConfig(steps=2, seeds=(0,), arms=("calibrl_a0.5",), prompts_per_step=4,
+    # launch (~2 minutes) to keep CI short. The hypothesis arm: its all-wrong groups (nearly all, at this SFT size)
+    # exercise calibrl.all_wrong_weight through verl's trainer
+    "fast": CoverageConfig(steps=2, seeds=(0,), arms=("calibrl_allwrong",), prompts_per_step=4,
                            rows_per_prompt=4, n_train=8, n_val=8, n_sft=640, sft_rl_epochs=1, test_freq=2,
                            ks=(1, 4, 64)),
 }
