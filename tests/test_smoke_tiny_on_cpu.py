@@ -149,6 +149,9 @@ def test_killed_run_resumes_to_the_same_next_step(out: Path) -> None:
     # steps (step 2's line only if the kill came after it, not between step 2's checkpoint and its log line),
     # then the resumed step 3, each once, in order
     assert killed_steps in ([1], [1, 2])
+    # the resumed run names the checkpoint it loads (checked complete first: integration/checkpoints.py)
+    loaded = f"[calibrl] resuming from {killed / 'checkpoints' / 'global_step_2'}"
+    assert loaded in resumed.with_suffix(".log").read_text()
     assert [json.loads(line)["step"] for line in resumed.read_text().splitlines() if line.strip()] == [*killed_steps, 3]
     a, b = _step(straight / "metrics.jsonl", 3), _step(resumed, 3)
     # the CalibRL state: past the warm-up in both, and the same seeded mixing draw
@@ -290,6 +293,22 @@ def test_dump_check_reproduces_a_calibrl_step_and_catches_a_wrong_guide_loss(gap
     for wrong in (-guide, guide * 6 / 4 if gap == "token" else guide * 4 / 6):  # sign flip, other denominator
         failed = _failed(dump_check.check_step(_calibrl_dump(), {**logged, "calibrl/guide_loss": wrong}, 2, settings))
         assert len(failed) == 1 and "calibrl/guide_loss" in failed[0]
+
+
+# calibrl.all_wrong_weight=0.5 adds group b (all wrong, A = 0, s = -1, expert [-2.0]). Token: b0 d = [-0.3 - -2,
+# -0.2 - 0 (tail zero)] = [1.7, -0.2] -> 0.5 * (1.7 - 0.1); b1 d = 1.9 -> 0.5 * 1.9. Sequence: b0 d = -0.5 - -2 = 1.5,
+# b1 d = 1.9 -> 0.5 * (1.5 + 1.9).
+GUIDE_TOKEN_ALL_WRONG = GUIDE_TOKEN + 0.5 * (1.6 + 1.9) / 6
+GUIDE_SEQUENCE_ALL_WRONG = GUIDE_SEQUENCE + 0.5 * (1.5 + 1.9) / 4
+
+
+@pytest.mark.parametrize(("gap", "guide"), [("token", GUIDE_TOKEN_ALL_WRONG), ("sequence", GUIDE_SEQUENCE_ALL_WRONG)])
+def test_dump_check_weights_all_wrong_groups_by_all_wrong_weight(gap: str, guide: float) -> None:
+    settings = dump_check.RunSettings.from_overrides([f"calibrl.gap={gap}", "calibrl.all_wrong_weight=5e-1"])
+    logged = {"calibrl/guide_loss": guide, "calibrl/expert_groups_frac": 1.0, "calibrl/expert_reward_mean": 0.55}
+    assert _failed(dump_check.check_step(_calibrl_dump(), logged, 2, settings)) == []
+    paper = {**logged, "calibrl/guide_loss": GUIDE_TOKEN if gap == "token" else GUIDE_SEQUENCE}
+    assert len(_failed(dump_check.check_step(_calibrl_dump(), paper, 2, settings))) == 1
 
 
 @pytest.mark.parametrize("gap,guide,baseline", [("token", 0.25, -2.5), ("sequence", 0.625, -2.5)])

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,7 @@ from verl.workers.utils.padding import response_to_nested
 from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.data.expert_column import expert_traces
-from calibrl_verl.integration import actor_loss, step_dump, tracking
+from calibrl_verl.integration import actor_loss, checkpoints, step_dump, tracking
 from calibrl_verl.integration.agent_loop import EXPERT_TEXT
 from calibrl_verl.integration.registry import ADV_EXTRAS
 from calibrl_verl.integration.stage_io import VerlDriftError, stage_io
@@ -113,6 +115,25 @@ class CalibRLTrainer(PPOTrainerSync):
             self.actor_rollout_wg.set_loss_fn(partial(actor_loss.calibrl_actor_loss, config=actor_cfg,
                                                       calibrl=self.calibrl))
         super().on_init_end()
+
+    def _load_checkpoint(self):
+        """verl's resume, once ``checkpoints`` has refused a missing or torn checkpoint (why: see that module);
+        a resumed run says which checkpoint it loads."""
+        folder = self._resume_folder()
+        if folder is not None:
+            print(f"[calibrl] resuming from {folder}", file=sys.stderr, flush=True)
+        return super()._load_checkpoint()
+
+    def _resume_folder(self) -> Path | None:
+        trainer, actor = self.config.trainer, self.config.actor_rollout_ref.actor
+        # the shard names checked are FSDP's; another engine's checkpoint is checked for its folder and data.pt
+        contents = (list(actor.checkpoint.get("load_contents") or ["model", "optimizer", "extra"])
+                    if str(actor.get("strategy", "fsdp")).startswith("fsdp") else None)
+        if trainer.resume_mode == "auto":
+            return checkpoints.check_resume(Path.cwd() / trainer.default_local_dir, contents)
+        if trainer.resume_mode == "resume_path" and trainer.get("resume_from_path"):
+            return checkpoints.check_folder(Path.cwd() / trainer.resume_from_path, contents)
+        return None
 
     # -- 1. which groups get their expert -------------------------------------------------------------------
     def _next_train_batch(self, num_prompts: int | None = None) -> TensorDict:
