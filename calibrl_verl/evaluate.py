@@ -34,11 +34,13 @@ Progress: per benchmark, rows done and the running accuracy go to stderr after e
 default: the hf batch size, 256 rows for vLLM, which batches a chunk's requests itself): a tqdm bar on a
 terminal, plain lines in logs (see ``calibrl_verl.progress``; ``CALIBRL_PROGRESS=lines|bar|off`` overrides).
 
-Backends: ``vllm`` (``vllm.LLM`` with multi-modal inputs and ``--tp`` tensor parallelism; bf16 on a GPU, float32
-on vLLM's CPU build, whose KV cache defaults to 1 GiB there via ``VLLM_CPU_KVCACHE_SPACE``), ``hf`` (transformers
-``generate``, batched with left padding; fine for tiny models), and ``auto``: vLLM when it is importable and a
-GPU is visible, else hf (on CPU the hf backend starts in seconds, vLLM's engine in about a minute, so ``auto``
-leaves vLLM-on-CPU to an explicit ``--backend vllm``).
+Backends (the generation layer ``calibrl_verl.generation``, which ``calibrl_verl.experts`` shares; this module
+loads the benchmarks, scores, summarizes and writes): ``vllm`` (``vllm.LLM`` with multi-modal inputs and ``--tp``
+tensor parallelism, prefix caching on with ``--n-samples`` K > 1; bf16 on a GPU, float32 on vLLM's CPU build, whose
+KV cache defaults to 1 GiB there via ``VLLM_CPU_KVCACHE_SPACE``), ``hf`` (transformers ``generate``, batched with
+left padding; fine for tiny models), and ``auto``: vLLM when it is importable and a GPU is visible, else hf (on CPU
+the hf backend starts in seconds, vLLM's engine in about a minute, so ``auto`` leaves vLLM-on-CPU to an explicit
+``--backend vllm``).
 
 Evaluate a verl checkpoint: verl saves sharded FSDP weights; merge them into a Hugging Face model first
 (``huggingface/`` inside the checkpoint supplies config, tokenizer and processor), then evaluate the merge::
@@ -53,22 +55,30 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
-import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from calibrl_verl import generation
 from calibrl_verl.eval_metrics import benchmark_summary
+from calibrl_verl.generation import (
+    VLLM_CHUNK_ROWS,
+    Backend,
+    GenerationError,
+    Request,
+    Sampling,
+    build_messages,
+    choose_backend,
+    decode_image,
+    has_image_processor,
+    render,
+)
 from calibrl_verl.progress import progress
-from calibrl_verl.reward import compute_score, first_answer
+from calibrl_verl.reward import compute_score, graded_text
 
-IMAGE_PLACEHOLDER = "<image>"
-VLLM_CHUNK_ROWS = 256
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 PROTOCOL = "calibrl"  # the training prompt and reward (what the paper reports)
 SAMPLING_TEMPERATURE = 1.0  # --n-samples > 1 without --temperature: the training temperature
@@ -89,36 +99,6 @@ class Row:
     images: list[Any]
     ground_truth: Any
     extra_info: dict[str, Any] | None
-
-
-@dataclass
-class Request:
-    """The model input of one row: the chat-template text and the processed images."""
-
-    prompt: str
-    images: list[Any]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How many answers per problem and how they are drawn: one greedy answer by default."""
-
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-class Backend(Protocol):
-    """Generation for a list of rendered requests: ``sampling.n`` answers per request, in request order."""
-
-    processor: Any
-
-    def generate(self, requests: list[Request]) -> list[list[str]]: ...
 
 
 # ----------------------------------------------------------------------------------------------- data loading
@@ -144,43 +124,6 @@ def _ground_truth(record: dict[str, Any], path: Path, position: int) -> Any:
     if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
         raise EvalError(f"{path}: row {position} has no reward_model.ground_truth")
     return reward_model["ground_truth"]
-
-
-def decode_image(item: Any) -> Any:
-    """A stored image (``{"bytes": ...}``, ``{"path": ...}``, raw bytes, a path or a PIL image) as RGB PIL."""
-    from PIL import Image
-
-    if isinstance(item, dict):
-        item = item.get("bytes") if item.get("bytes") is not None else item.get("path") or item.get("image")
-    if isinstance(item, bytes | bytearray):
-        item = Image.open(io.BytesIO(item))
-    elif isinstance(item, str | Path):
-        item = Image.open(item)
-    if not isinstance(item, Image.Image):
-        raise EvalError(f"unsupported image entry of type {type(item).__name__}")
-    return item.convert("RGB")
-
-
-def build_messages(prompt: Sequence[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
-    """verl's ``RLHFDataset._build_messages``: every ``<image>`` placeholder becomes an image content entry."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    if not images:
-        return messages
-    offset = 0
-    for message in messages:
-        if not isinstance(message["content"], str):
-            continue
-        parts = []
-        for segment in (s for s in re.split(f"({IMAGE_PLACEHOLDER})", message["content"]) if s != ""):
-            if segment == IMAGE_PLACEHOLDER:
-                if offset >= len(images):
-                    raise EvalError(f"more {IMAGE_PLACEHOLDER} placeholders than images ({len(images)})")
-                parts.append({"type": "image", "image": images[offset]})
-                offset += 1
-            else:
-                parts.append({"type": "text", "text": segment})
-        message["content"] = parts
-    return messages
 
 
 def load_rows(path: Path, benchmark: str, limit: int | None = None) -> list[Row]:
@@ -241,186 +184,18 @@ def _has_column(path: Path, column: str = "data_source") -> bool:
 # ------------------------------------------------------------------------------------------------ model input
 
 
-def render(processor: Any, row: Row) -> Request:
-    """Chat-template text (generation prompt added) and images processed as verl's agent loop does."""
-    if row.images and not has_image_processor(processor):
-        raise EvalError(f"{row.benchmark}: row {row.index} has images but the model has no image processor")
-    prompt = processor.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=False)
-    images: list[Any] = []
-    if row.images:
-        from qwen_vl_utils import process_vision_info
-
-        patch_size = getattr(getattr(processor, "image_processor", None), "patch_size", 14)
-        images = process_vision_info(row.messages, image_patch_size=patch_size)[0] or []
-    return Request(prompt=prompt, images=images)
-
-
-# ---------------------------------------------------------------------------------------------------- backends
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def vllm_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def choose_backend(name: str) -> str:
-    """``auto``: vLLM when importable and a GPU is visible, else hf (quicker to start for tiny CPU runs; vLLM's
-    CPU build still runs with an explicit ``vllm``)."""
-    if name == "auto":
-        return "vllm" if vllm_importable() and gpu_available() else "hf"
-    if name == "vllm" and not vllm_importable():
-        raise EvalError("--backend vllm: vllm is not installed (use --backend hf)")
-    return name
-
-
-def load_processor(model: str) -> Any:
-    """The model's multimodal processor, or its tokenizer for a text-only model (no image processor saved).
-
-    As verl's ``hf_processor``: AutoProcessor either fails (no ``preprocessor_config.json``) or falls back to the
-    tokenizer itself for such a directory; both mean "text-only, use the tokenizer and its chat template".
-    """
-    from transformers import AutoProcessor, AutoTokenizer
-
-    try:
-        processor = AutoProcessor.from_pretrained(model)
-    except (OSError, ValueError, KeyError):  # what transformers raises when the image processor is missing
-        processor = None
-    if processor is None or not has_image_processor(processor):
-        processor = AutoTokenizer.from_pretrained(model)
-    if getattr(processor, "chat_template", None) is None and not hasattr(processor, "tokenizer"):
-        raise EvalError(f"--model {model}: its tokenizer has no chat template (an instruct/chat model is expected)")
-    return processor
-
-
-def has_image_processor(processor: Any) -> bool:
-    """True for a multimodal processor (Qwen2.5-VL's, ...), False for a plain tokenizer."""
-    return getattr(processor, "image_processor", None) is not None
-
-
-# Pure greedy, like vLLM with explicit SamplingParams(temperature=0): the checkpoint's generation_config
-# (Qwen2.5-VL ships repetition_penalty 1.05 and sampling knobs) must not change the answers.
-GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "temperature": None, "top_p": None, "top_k": None}
-
-
-class HFBackend:
-    """transformers ``generate``, greedy or sampled (``num_return_sequences``), batched with left padding."""
-
-    def __init__(self, model: str, max_new_tokens: int, batch_size: int, sampling: Sampling = Sampling()) -> None:
-        import torch
-
-        self.processor = load_processor(model)
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:  # batched left padding needs one (verl's hf_tokenizer does the same)
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = load_hf_model(model, dtype).to(self.device).eval()
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.chunk_size = batch_size  # one batch per progress update
-        self.sampling = sampling
-        self.options = GREEDY if sampling.greedy else {
-            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
-            "repetition_penalty": 1.0, "num_return_sequences": sampling.n}
-        self.generator_seeded = False
-
-    def generate(self, requests: list[Request]) -> list[list[str]]:
-        import torch
-
-        if not self.sampling.greedy and not self.generator_seeded:  # once: the run's draws follow from --seed
-            torch.manual_seed(self.sampling.seed)
-            self.generator_seeded = True
-        out: list[list[str]] = []
-        for start in range(0, len(requests), self.batch_size):
-            out.extend(self._generate_batch(requests[start : start + self.batch_size]))
-        return out
-
-    def _generate_batch(self, batch: list[Request]) -> list[list[str]]:
-        import torch
-
-        images = [image for request in batch for image in request.images]
-        kwargs: dict[str, Any] = {"images": images} if images else {}
-        inputs = self.processor(text=[r.prompt for r in batch], padding=True, return_tensors="pt", **kwargs)
-        inputs = inputs.to(self.device)
-        with torch.no_grad():
-            output = self.model.generate(**inputs, **self.options, max_new_tokens=self.max_new_tokens)
-        texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        per = len(texts) // len(batch)  # generate returns a request's samples next to each other
-        return [texts[i * per : (i + 1) * per] for i in range(len(batch))]
-
-
-def load_hf_model(model: str, dtype: Any) -> Any:
-    """Vision-language models through AutoModelForImageTextToText, text-only ones through AutoModelForCausalLM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(model)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(model, dtype=dtype)
-
-
-class VLLMBackend:
-    """``vllm.LLM`` with multi-modal inputs, tensor parallel; greedy (explicit temperature 0, so the checkpoint's
-    generation_config defaults are not applied) or ``sampling.n`` samples per request with a per-request seed.
-    On vLLM's CPU build: float32 (the CPU compute dtype, as the hf backend uses there) and a 1 GiB KV cache unless
-    ``VLLM_CPU_KVCACHE_SPACE`` says otherwise."""
-
-    def __init__(self, model: str, max_new_tokens: int, tp: int, max_images: int, max_model_len: int | None,
-                 sampling: Sampling = Sampling()) -> None:
-        from vllm import LLM, SamplingParams
-
-        self.processor = load_processor(model)
-        kwargs: dict[str, Any] = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
-        if vllm_on_cpu():
-            kwargs["dtype"] = "float32"  # on a GPU vLLM's default "auto" keeps the checkpoint's bf16
-            # Without it, vllm/v1/worker/cpu_worker.py reserves gpu_memory_utilization (0.9) x the host's RAM for
-            # the KV cache (and refuses to start when that much is not free); vllm/platforms/cpu.py turns this
-            # variable (GiB) into cache_config.kv_cache_memory_bytes instead. Set before the engine is built.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            kwargs["enforce_eager"] = True  # no model compile on CPU: ~20 s of start-up (see cpu/settings.py)
-        self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=max_model_len, **kwargs)
-        if sampling.greedy:
-            self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        else:
-            self.params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                         seed=sampling.seed, max_tokens=max_new_tokens)
-        self.chunk_size = VLLM_CHUNK_ROWS  # vLLM batches a chunk itself; larger chunks, fewer progress updates
-
-    def generate(self, requests: list[Request]) -> list[list[str]]:
-        # our progress (per chunk, with accuracy) replaces vLLM's own bar, whose \r updates would fill a log
-        outputs = self.llm.generate([vllm_input(r) for r in requests], self.params, use_tqdm=False)
-        return [[c.text for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
-
-
-def vllm_on_cpu() -> bool:
-    """True for vLLM's CPU build (``vllm-cpu``), which imports as ``vllm``."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-def vllm_input(request: Request) -> dict[str, Any]:
-    """vLLM's prompt dict: the rendered text plus the images (as verl hands them to its vLLM server)."""
-    if not request.images:
-        return {"prompt": request.prompt}
-    return {"prompt": request.prompt, "multi_modal_data": {"image": request.images}}
+def render_row(processor: Any, row: Row) -> Request:
+    """A benchmark row's model input, rendered by the generation layer as verl's agent loop renders it."""
+    return render(processor, row.messages, row.images, where=f"{row.benchmark}: row {row.index}")
 
 
 def make_backend(args: argparse.Namespace, max_images: int) -> Backend:
     """The backend selected by ``--backend`` (``auto`` resolved)."""
     name = choose_backend(args.backend)
     print(f"[evaluate] backend: {name}", file=sys.stderr)
-    sampling = sampling_of(args)
-    if name == "vllm":
-        return VLLMBackend(args.model, args.max_new_tokens, args.tp, max_images, args.max_model_len, sampling)
-    return HFBackend(args.model, args.max_new_tokens, args.batch_size, sampling)
+    return generation.make_backend(name, args.model, args.max_new_tokens, sampling_of(args),
+                                   batch_size=args.batch_size, tp=args.tp, max_images=max_images,
+                                   max_model_len=args.max_model_len)  # fmt: skip
 
 
 def sampling_of(args: argparse.Namespace) -> Sampling:
@@ -451,7 +226,7 @@ def generation_record(row: Row, request: Request, response: str, score: dict[str
         "data_source": row.data_source,
         "prompt": request.prompt,
         "response": response,
-        "extracted": first_answer(response) if isinstance(response, str) else None,
+        "extracted": graded_text(row.data_source, response) if isinstance(response, str) else None,
         "ground_truth": row.ground_truth,
         "acc": float(score["acc"]),
         "format": float(score["format"]),
@@ -474,7 +249,7 @@ def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = No
     with progress(total=len(rows), desc=f"eval {name}", unit="rows") as bar:
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
-            requests = [render(backend.processor, row) for row in part]
+            requests = [render_row(backend.processor, row) for row in part]
             answers = backend.generate(requests)
             if len(answers) != len(part):
                 raise ValueError(f"{len(answers)} answer lists for {len(part)} rows")
@@ -574,8 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="HF model dir or id (a merged verl checkpoint)")
     parser.add_argument("--data", required=True, nargs="+", type=Path, help="verl RL parquet file(s)")
     parser.add_argument("--out", type=Path, default=None, help="output dir [eval_results/<model dir name>]")
-    parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="response budget (training: 4096)")
+    parser.add_argument("--backend", choices=generation.BACKENDS, default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=4096,
+                        help="response budget [4096]; use the run's data.max_response_length")
     parser.add_argument("--limit", type=int, default=None, help="first N rows of each file only")
     parser.add_argument("--batch-size", type=int, default=8, help="hf backend batch size")
     parser.add_argument(
@@ -630,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         table = run(args)
-    except EvalError as err:
+    except (EvalError, GenerationError) as err:
         raise SystemExit(f"evaluate: error: {err}") from None
     print(markdown_table(table, args.model), end="")
     print(f"[evaluate] wrote {args.out}/results.md, results.csv, generations.jsonl, samples.parquet, summary.json",

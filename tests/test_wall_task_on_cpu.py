@@ -20,7 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from calibrl_verl.reward import compute_score
+from calibrl_verl.reward import compute_score, graded_text
 from calibrl_verl.tiny import text_model_dir, train_files, val_files
 from calibrl_verl.tiny import wall_task as w
 from calibrl_verl.tiny.build import main as build_main
@@ -120,6 +120,13 @@ def test_exact_match_reward(response: str, acc: float, fmt: float) -> None:
 
 def test_other_sources_keep_the_think_answer_reward() -> None:
     assert compute_score("geometry3k", "S 1 A 8 S 15", "S 1 A 8 S 15")["acc"] == 0.0
+
+
+def test_graded_text_is_what_the_reward_compares() -> None:
+    """maj@K votes on the graded text: the whole completion (words re-joined) here, the answer block elsewhere."""
+    assert graded_text(w.DATA_SOURCE, " S 1  A 8\nS 15 ") == "S 1 A 8 S 15"
+    assert graded_text("geometry3k", "S 1 A 8 S 15") is None
+    assert graded_text("geometry3k", "<think>x</think><answer>12</answer>") == "12"
 
 
 @pytest.fixture(scope="module")

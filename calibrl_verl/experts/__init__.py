@@ -5,5 +5,6 @@
 * ``cache``: the append-only attempt cache (resume, torn-line tolerance, what is settled);
 * ``session``: verification with the training reward, cache records, counts and the progress bar;
 * ``endpoint``: any OpenAI-compatible chat endpoint (async ``openai`` client, our retry policy);
-* ``local``: offline ``vllm.LLM`` generation, with the evaluate CLI's model input.
+* ``local``: offline ``vllm.LLM`` generation through the generation layer (``calibrl_verl.generation``, shared
+  with the ``evaluate`` CLI).
 """

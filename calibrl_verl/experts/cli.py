@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", type=Path, default=None, help="attempt cache (jsonl) [OUT.cache.jsonl]")
     gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature [0.7]")
     gen.add_argument("--max-tokens", type=int, default=4096,
-                     help="reply budget [4096, the training response length]")  # fmt: skip
+                     help="reply budget [4096]; the recipe's data.max_response_length")  # fmt: skip
     gen.add_argument("--limit", type=int, default=None, help="first N rows of --data only (--out holds those)")
     gen.add_argument("--overwrite", action="store_true", help="also send rows that already have a solution")
     return parser
@@ -145,8 +145,8 @@ def api_key(args: argparse.Namespace) -> str:
 
 def make_backend(args: argparse.Namespace, key: str | None) -> Any:
     if args.kind == "vllm":
-        from calibrl_verl.evaluate import vllm_importable
         from calibrl_verl.experts.local import LocalBackend
+        from calibrl_verl.generation import vllm_importable
 
         if not vllm_importable():
             raise ExpertsError("--backend vllm: vllm is not installed (use an endpoint: --base-url)")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from calibrl_verl.data.expert_column import expert_traces
-from calibrl_verl.evaluate import IMAGE_PLACEHOLDER
+from calibrl_verl.generation import IMAGE_PLACEHOLDER
 
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 BATCH_ROWS = 256

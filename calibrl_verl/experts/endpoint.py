@@ -1,7 +1,7 @@
 """The endpoint backend: any OpenAI-compatible chat-completions server (OpenAI, ``vllm serve``, SGLang, a gateway).
 
 Each problem's own prompt is sent as its chat messages; every ``<image>`` placeholder becomes an ``image_url``
-part holding the image as a base64 data URL, in placeholder order (``evaluate.build_messages`` places them, as
+part holding the image as a base64 data URL, in placeholder order (``generation.build_messages`` places them, as
 verl's dataset does). Nothing else of the row is sent: never the ground truth, ``extra_info`` or ``solution``.
 
 Faults: the ``openai`` client's own retries are off (``max_retries=0``) and ours apply, so that they are
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from calibrl_verl.evaluate import build_messages, decode_image
 from calibrl_verl.experts.data import Problem
 from calibrl_verl.experts.session import Reply, Session
+from calibrl_verl.generation import build_messages, decode_image
 
 BACKOFF_ENV = "CALIBRL_EXPERTS_BACKOFF_S"  # tests shrink the back-off through it; real runs keep the default
 DEFAULT_BACKOFF_BASE_S = 1.0

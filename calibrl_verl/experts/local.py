@@ -1,9 +1,10 @@
 """The local backend (``--backend vllm``): offline batched generation with ``vllm.LLM``, e.g. for a local teacher
 such as Qwen2.5-VL-72B-Instruct with ``--tp 8``.
 
-The model input is built by the evaluate CLI's own functions (``build_messages``, ``decode_image``, ``render``,
-``vllm_input``; the engine by ``evaluate.VLLMBackend``, with its CPU-build settings), i.e. exactly as verl builds
-a rollout prompt, with the sampling parameters replaced by ``--temperature`` / ``--max-tokens``. Problems go
+The model input and the engine come from the generation layer, which the ``evaluate`` CLI also uses
+(``calibrl_verl.generation``: ``build_messages``, ``decode_image``, ``render``, ``vllm_input``, and
+``VLLMBackend`` with its CPU-build settings), i.e. the input is exactly what verl builds for a rollout, sampled at
+``--temperature`` (unseeded: a second try is another draw) for up to ``--max-tokens``. Problems go
 in rounds: every pending problem gets one sample per round, in chunks of ``--concurrency`` problems per
 ``LLM.generate`` call (the cache is written after each chunk, so a kill loses at most one chunk), and the next
 round only samples the ones not yet verified.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from calibrl_verl import evaluate
 from calibrl_verl.experts.data import Problem
 from calibrl_verl.experts.session import Reply, Session
+from calibrl_verl.generation import Sampling, VLLMBackend, build_messages, decode_image, render, vllm_input
 
 
 class LocalBackend:
@@ -47,14 +48,11 @@ class LocalBackend:
                         next_round.append((problem, sample + 1))
             todo = next_round
 
-    def _start(self, max_images: int) -> Any:
-        from vllm import SamplingParams
-
+    def _start(self, max_images: int) -> VLLMBackend:
         s = self.session.settings  # type: ignore[union-attr]
-        engine = evaluate.VLLMBackend(self.model, s.max_tokens, self.tp, max_images, max_model_len=None)
-        # evaluate's engine answers greedily; a teacher samples, so a second try is a different answer
-        engine.params = SamplingParams(temperature=s.temperature, max_tokens=s.max_tokens)
-        return engine
+        # one sample per request, at the teacher's temperature and unseeded: a second try is a different answer
+        sampling = Sampling(n=1, temperature=s.temperature, seed=None)
+        return VLLMBackend(self.model, s.max_tokens, self.tp, max_images, max_model_len=None, sampling=sampling)
 
     def _generate(self, problems: list[Problem]) -> list[Reply]:
         """One reply per problem; a problem whose input cannot be built or served fails alone."""
@@ -78,7 +76,7 @@ class LocalBackend:
         assert session is not None
         start = time.monotonic()
         try:
-            outputs = self.engine.llm.generate(inputs, self.engine.params, use_tqdm=False)
+            outputs = self.engine.generate_raw(inputs)
         except Exception as exc:
             if len(inputs) == 1:
                 session.count_request(error=True, retry=False)
@@ -101,15 +99,7 @@ class LocalBackend:
 
 
 def model_input(processor: Any, problem: Problem) -> dict[str, Any]:
-    """vLLM's prompt dict for a problem, built by the evaluate CLI's functions (verl's rollout input)."""
-    images = [evaluate.decode_image(item) for item in problem.images()]
-    row = evaluate.Row(
-        benchmark="experts",
-        index=problem.positions[0],
-        data_source=problem.data_source,
-        messages=evaluate.build_messages(problem.prompt, images),
-        images=images,
-        ground_truth=None,  # never part of a model input
-        extra_info=None,
-    )
-    return evaluate.vllm_input(evaluate.render(processor, row))
+    """vLLM's prompt dict for a problem (verl's rollout input): its prompt and images only, never its ground truth."""
+    images = [decode_image(item) for item in problem.images()]
+    messages = build_messages(problem.prompt, images)
+    return vllm_input(render(processor, messages, images, where=f"problem {problem.row_id}"))

@@ -94,6 +94,10 @@ class Problem:
                 parts.append(f"A {self.actions[i]}")
         return " ".join(parts)
 
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The prompt as the parquet's chat messages (the text tasks' item interface, read by the tiny sampler)."""
+        return [{"role": "user", "content": self.prompt}]
+
 
 @dataclass(frozen=True)
 class TextProblem:
@@ -275,27 +279,22 @@ def gold_logprobs(model: Any, tokenizer: Any, problems: list[Problem] | list[Tex
 
 def sample_correct(model: Any, tokenizer: Any, problems: list[Problem], n: int, temperature: float, seed: int,
                    batch_size: int = 1024) -> np.ndarray:
-    """[problems, n] booleans: is each of ``n`` samples at ``temperature`` (0: greedy, n must be 1) correct?"""
+    """[problems, n] booleans: is each of ``n`` samples at ``temperature`` (0: greedy, n must be 1) correct?
+
+    Sampled by the tiny tasks' one transformers sampler (``warmstart.generate_responses``: the chat template, which
+    passes the prompt through, left padding, no top-k), seeded once here so that the chunks draw one stream."""
     import torch
 
+    from calibrl_verl.tiny.warmstart import generate_responses
+
     torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out = np.zeros((len(problems), n), dtype=bool)
     per = max(1, batch_size // n)
-    try:
-        for start in range(0, len(problems), per):
-            chunk = problems[start : start + per]
-            inputs = tokenizer([p.prompt for p in chunk], padding=True, add_special_tokens=False,
-                               return_tensors="pt")
-            sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
-                         "num_return_sequences": n} if temperature > 0 else {"do_sample": False})
-            with torch.no_grad():
-                ids = model.generate(**inputs, max_new_tokens=MAX_COMPLETION_TOKENS, **sampling)
-            texts = tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for j, text in enumerate(texts):
-                out[start + j // n, j % n] = is_correct(text, chunk[j // n].completion)
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(problems), per):
+        chunk = problems[start : start + per]
+        texts = generate_responses(model, tokenizer, chunk, temperature, MAX_COMPLETION_TOKENS, seed=None, n=n)
+        for j, text in enumerate(texts):
+            out[start + j // n, j % n] = is_correct(text, chunk[j // n].completion)
     return out
 
 
@@ -318,7 +317,7 @@ def problem_row(problem: Problem, split: str, index: int) -> dict[str, Any]:
     the ground truth and the expert trace."""
     return {
         "data_source": DATA_SOURCE,
-        "prompt": [{"role": "user", "content": problem.prompt}],
+        "prompt": problem.chat_messages(),
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": problem.completion},
         "extra_info": {"split": split, "index": index, "n_actions": len(problem.actions),

@@ -187,9 +187,12 @@ def generate_ids(
     items: list[TinyItem],
     temperature: float = 1.0,
     max_new_tokens: int = 48,
-    seed: int = 0,
+    seed: int | None = 0,
+    n: int = 1,
 ) -> torch.Tensor:
-    """New token ids, one sampled response per item (T=0: greedy), with the model's suppressed tokens.
+    """New token ids, ``n`` sampled responses per item, an item's next to each other (T=0: greedy, n must be 1),
+    with the model's suppressed tokens. ``seed`` seeds torch first; None continues from its current state (a caller
+    that seeds once and samples in chunks).
 
     The suppression list comes from the saved generation config (the vision placeholders), so any caller that
     samples through this function never emits them (vLLM rollouts rely on the warm-start's ``unlikelihood`` term).
@@ -200,10 +203,13 @@ def generate_ids(
         inputs = prompt_inputs(processor, items)
     finally:
         tokenizer.padding_side = side
-    torch.manual_seed(seed)
+    if temperature == 0 and n != 1:
+        raise ValueError(f"greedy decoding gives one response per item, not n={n}")
+    if seed is not None:
+        torch.manual_seed(seed)
     sampling: dict[str, Any] = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    if temperature > 0:  # n > 1: generate repeats each prompt n times, the same as n copies of the item
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": n}
     out = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
@@ -220,10 +226,12 @@ def generate_responses(
     items: list[TinyItem],
     temperature: float = 1.0,
     max_new_tokens: int = 48,
-    seed: int = 0,
+    seed: int | None = 0,
+    n: int = 1,
 ) -> list[str]:
-    """Sampled responses decoded as verl's reward loop decodes them (special tokens skipped)."""
-    new_tokens = generate_ids(model, processor, items, temperature, max_new_tokens, seed)
+    """Sampled responses (``n`` per item, an item's next to each other) decoded as verl's reward loop decodes them
+    (special tokens skipped)."""
+    new_tokens = generate_ids(model, processor, items, temperature, max_new_tokens, seed, n)
     return _tokenizer(processor).batch_decode(new_tokens, skip_special_tokens=True)
 
 
