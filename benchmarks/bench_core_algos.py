@@ -42,7 +42,7 @@ from verl.workers.config import FSDPActorConfig
 
 from calibrl_verl import core_algos as ca
 
-GUIDE_TARGET = 0.75  # issue 14: each CalibRL loss term <= 0.75x verl's PPO surrogate on the same rows
+GUIDE_TARGET = 0.75  # the project's bound: each CalibRL loss term <= 0.75x verl's PPO surrogate on the same rows
 
 
 def _actor_config() -> FSDPActorConfig:

@@ -1,6 +1,6 @@
 """Step time per phase of CalibRL and LUFFY next to GRPO on the tiny CPU recipe, launches alternating.
 
-    flock /tmp/calibrl_heavy.lock python benchmarks/bench_step.py        # 2 rounds x (GRPO, CalibRL, LUFFY) x 10 steps
+    python benchmarks/bench_step.py        # 2 rounds x (GRPO, CalibRL, LUFFY) x 10 steps
     python benchmarks/bench_step.py --rounds 1 --steps 6 --methods grpo calibrl      # a quick look
     python benchmarks/bench_step.py --report outputs/bench_step/results.json --markdown   # a saved run again
 

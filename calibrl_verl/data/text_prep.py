@@ -8,11 +8,12 @@ Column names follow the datasets' cards (the hub cannot be reached from the mach
 are the documented layouts, not checked against downloads); a table without a required column fails with a
 message listing the columns it has, and every name can be overridden on the command line.
 
-OpenR1-Math-220k (``open-r1/OpenR1-Math-220k``, the set LUFFY trains on): ``problem``, ``solution`` (the
-human-written solution, NOT used), ``answer``, ``uuid``, ``generations`` (list of DeepSeek-R1 traces,
-``<think>..</think>`` then a summary), ``correctness_math_verify`` (list of bool), ``is_reasoning_complete``
-(list of bool), plus ``problem_type``, ``question_type``, ``source``, ``correctness_llama``, ``finish_reasons``,
-``correctness_count``, ``messages`` (unused). The expert of a row is its first trace that
+OpenR1-Math-220k (``open-r1/OpenR1-Math-220k``, LUFFY's source set, which LUFFY filters to ~46k problems with traces
+within 8192 tokens): ``problem``, ``solution`` (the human-written solution, NOT used), ``answer``, ``uuid``,
+``generations`` (list of DeepSeek-R1 traces, ``<think>..</think>`` then a summary), ``correctness_math_verify``
+(list of bool), ``is_reasoning_complete`` (list of bool), plus ``problem_type``, ``question_type``, ``source``,
+``correctness_llama``, ``finish_reasons``, ``correctness_count``, ``messages`` (unused). The expert of a row is its
+first trace that
 
 1. math_verify marked correct (``correctness_math_verify[i]``) and that finished its reasoning
    (``is_reasoning_complete[i]``),

@@ -3,8 +3,8 @@
     <dump_dir>/step_<global step, 6 digits>.parquet
 
 One row per trajectory row of the step (on-policy and expert rows; verl's padding rows left out), with the
-values exactly as the update uses them, so the step can be checked and analysed from the file alone (README
-"Per-step dump"). Built from the same tensors the trainer writes to TransferQueue; pyarrow only.
+values exactly as the update uses them, so the step can be checked and analysed from the file alone
+(docs/architecture.md, "Per-step dump"). Built from the same tensors the trainer writes to TransferQueue; pyarrow only.
 """
 
 from __future__ import annotations
