@@ -6,14 +6,17 @@ resume test (``test_smoke_tiny_on_cpu.py::test_killed_run_resumes_to_the_same_ne
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
+import pyarrow as pa
 import pytest
+import torch
 from omegaconf import OmegaConf
+from ray.exceptions import RayTaskError
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
-from calibrl_verl.integration import checkpoints
+from calibrl_verl.integration import checkpoints, step_dump
 from calibrl_verl.integration.checkpoints import CheckpointError
 from calibrl_verl.integration.trainer import CalibRLTrainer
 
@@ -86,20 +89,63 @@ def test_an_unreadable_fsdp_config_is_reported_not_guessed(tmp_path: Path) -> No
     assert checkpoints.missing_files(folder, None) == []  # another engine's layout: folder and data.pt only
 
 
-def _trainer(tmp_path: Path, **trainer: object) -> SimpleNamespace:
-    """The config ``CalibRLTrainer._resume_folder`` reads, as verl's composed config spells it."""
-    config = OmegaConf.create({
+def _trainer(tmp_path: Path, **trainer: object) -> CalibRLTrainer:
+    """A trainer holding only the config ``_resume_folder`` reads (as verl's composed config spells it); verl's
+    own set-up (Ray workers) is not run."""
+    obj = CalibRLTrainer.__new__(CalibRLTrainer)
+    obj.config = OmegaConf.create({
         "trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto", "resume_from_path": None, **trainer},
         "actor_rollout_ref": {"actor": {"strategy": "fsdp", "checkpoint": {"load_contents": CONTENTS}}},
     })
-    return SimpleNamespace(config=config)
+    return obj
 
 
 def test_the_trainer_checks_the_folder_each_resume_mode_loads(tmp_path: Path) -> None:
     old = _save(tmp_path, 2)
     _save(tmp_path, 4, skip=("actor/model_world_size_1_rank_0.pt",))
     with pytest.raises(CheckpointError, match="actor/model_world_size_1_rank_0.pt"):
-        CalibRLTrainer._resume_folder(_trainer(tmp_path))
-    assert CalibRLTrainer._resume_folder(_trainer(tmp_path, resume_mode="resume_path", resume_from_path=str(old))) \
-        == old
-    assert CalibRLTrainer._resume_folder(_trainer(tmp_path, resume_mode="disable")) is None
+        _trainer(tmp_path)._resume_folder()
+    assert _trainer(tmp_path, resume_mode="resume_path", resume_from_path=str(old))._resume_folder() == old
+    assert _trainer(tmp_path, resume_mode="disable")._resume_folder() is None
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A real 256 KiB tmpfs (CI runs as root), so writes fail with the kernel's own ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_dump_that_does_not_fit_leaves_nothing_and_names_step_and_path(full_disk: Path) -> None:
+    table = pa.table({"step": list(range(200_000))})  # ~1.6 MB of int64 against 256 KiB
+    with pytest.raises(step_dump.StepDumpError) as err:
+        step_dump.write_step_dump(full_disk / "dump", 3, table)
+    assert f"step 3's dump could not be written to {full_disk / 'dump' / 'step_000003.parquet'}" in str(err.value)
+    assert "No space left on device" in str(err.value) and "calibrl.dump_dir=null" in str(err.value)
+    assert list((full_disk / "dump").iterdir()) == []  # neither the file nor its partial .tmp
+
+
+def test_a_save_on_a_full_disk_is_named_and_the_tracked_checkpoint_is_kept(full_disk: Path) -> None:
+    """The ENOSPC of a real torch.save, raised in a Ray worker as verl's actor save is."""
+    _save(full_disk, 2)
+    folder = full_disk / "global_step_4"
+    (folder / "actor").mkdir(parents=True)
+    # torch.save says only "unexpected pos ..." (no errno): the free space tells the full disk
+    with pytest.raises(RuntimeError, match="unexpected pos") as raised:
+        torch.save(torch.zeros(200_000), folder / "actor" / "model_world_size_1_rank_0.pt")
+    in_worker = RayTaskError("save_checkpoint", "Traceback ...", raised.value)
+    named = checkpoints.save_error(in_worker, folder, CONTENTS)
+    assert named is not None and f"disk full while saving the checkpoint {folder}" in str(named)
+    assert "the tracker still names step 2, complete" in str(named)
+    assert checkpoints.check_resume(full_disk, CONTENTS) == full_disk / "global_step_2"  # what a restart loads
+    # an ENOSPC from an OSError (pyarrow, open().write) is recognised by its errno, wherever there is space
+    assert checkpoints.disk_full(RayTaskError("f", "", OSError(28, "No space left on device")), Path("/"))
+
+
+def test_other_save_faults_are_raised_as_they_are(tmp_path: Path) -> None:
+    assert checkpoints.save_error(RuntimeError("worker died"), tmp_path / "global_step_4", CONTENTS) is None

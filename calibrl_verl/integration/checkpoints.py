@@ -15,13 +15,16 @@ escape that order, and verl's ``find_latest_ckpt_path`` does not catch them:
 ``check_resume`` runs before verl's own load and turns both, and a tracker naming a folder with missing files,
 into a ``CheckpointError`` that names the folder and what is missing, lists the complete checkpoints on disk, and
 gives the overrides that resume from one or start fresh. A kill during the first save (no tracker yet) is a fresh
-start, as in verl.
+start, as in verl. ``save_error`` names a save that failed on a full disk (verl's error arrives from a Ray worker,
+several exceptions deep).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,3 +108,43 @@ def _choices(root: Path, save_contents: Sequence[str] | None) -> str:
               f"trainer.resume_from_path={complete[-1]} (complete: {[p.name for p in complete]}). "
               if complete else "No complete checkpoint is left under it. ")
     return resume + f"To start fresh instead, add trainer.resume_mode=disable or move {root} away."
+
+
+# below this much free space after a failed save, the disk is what failed it
+LOW_FREE_BYTES = 1 << 20
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a save into ``folder`` failed on a full disk: ENOSPC anywhere in ``err``'s chain (``__cause__``,
+    ``__context__``, a Ray task error's ``cause``), or almost no space left where it was writing. The second test
+    is needed: torch.save reports a full disk only as "unexpected pos ..." from its zip writer, with no errno."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < LOW_FREE_BYTES
+
+
+def save_error(err: BaseException, folder: Path, save_contents: Sequence[str] | None) -> CheckpointError | None:
+    """The named error for a checkpoint save into ``folder`` that failed with ``err`` (None: not a full disk)."""
+    if not disk_full(err, folder):
+        return None
+    root = Path(folder).parent
+    complete = complete_checkpoints(root, save_contents)
+    try:
+        step = tracked_step(root, save_contents)
+    except CheckpointError:
+        step = None
+    kept = (f"the tracker still names step {step}, complete, which trainer.resume_mode=auto resumes"
+            if step is not None and root / f"global_step_{step}" in complete
+            else f"complete checkpoints on disk: {[p.name for p in complete]}")
+    return CheckpointError(f"disk full while saving the checkpoint {folder}: it is incomplete and will not be "
+                           f"resumed; {kept}. Free space under {root} (or lower trainer.max_actor_ckpt_to_keep, "
+                           "keeping at least 2), then restart.")

@@ -70,11 +70,21 @@ def step_table(step: int, uids: np.ndarray, is_expert: torch.Tensor, is_padding:
     return pa.table(columns, schema=SCHEMA)
 
 
+class StepDumpError(RuntimeError):
+    """A step's dump could not be written (a full disk, a read-only folder); nothing partial is left behind."""
+
+
 def write_step_dump(dump_dir: str | Path, step: int, table: pa.Table) -> Path:
-    """Write (atomically: a reader never sees half a file) and return the path."""
+    """Write (atomically: a reader never sees half a file) and return the path; on a failed write the partial
+    file is removed and ``StepDumpError`` names the step, the path and the cause."""
     path = dump_path(dump_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StepDumpError(f"calibrl.dump_dir: step {step}'s dump could not be written to {path} ({err}); no "
+                            "partial file was left. Free space there, or set calibrl.dump_dir=null") from err
     return path

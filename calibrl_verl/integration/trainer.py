@@ -124,11 +124,26 @@ class CalibRLTrainer(PPOTrainerSync):
             print(f"[calibrl] resuming from {folder}", file=sys.stderr, flush=True)
         return super()._load_checkpoint()
 
+    def _save_checkpoint(self):
+        """verl's save; a full disk ends in a ``CheckpointError`` that names the folder and what is still intact."""
+        try:
+            return super()._save_checkpoint()
+        except Exception as err:
+            folder = Path.cwd() / self.config.trainer.default_local_dir / f"global_step_{self.global_steps}"
+            named = checkpoints.save_error(err, folder, self._checkpoint_contents())
+            if named is None:
+                raise
+            raise named from err
+
+    def _checkpoint_contents(self) -> list[str] | None:
+        """What a checkpoint holds per rank (FSDP shard names); None for another engine's layout."""
+        actor = self.config.actor_rollout_ref.actor
+        if not str(actor.get("strategy", "fsdp")).startswith("fsdp"):
+            return None
+        return list(actor.checkpoint.get("load_contents") or ["model", "optimizer", "extra"])
+
     def _resume_folder(self) -> Path | None:
-        trainer, actor = self.config.trainer, self.config.actor_rollout_ref.actor
-        # the shard names checked are FSDP's; another engine's checkpoint is checked for its folder and data.pt
-        contents = (list(actor.checkpoint.get("load_contents") or ["model", "optimizer", "extra"])
-                    if str(actor.get("strategy", "fsdp")).startswith("fsdp") else None)
+        trainer, contents = self.config.trainer, self._checkpoint_contents()
         if trainer.resume_mode == "auto":
             return checkpoints.check_resume(Path.cwd() / trainer.default_local_dir, contents)
         if trainer.resume_mode == "resume_path" and trainer.get("resume_from_path"):
