@@ -84,9 +84,12 @@ def test_report_table_pairs_seeds_and_counts_newly_covered(tmp_path: Path) -> No
         rdir = coverage.run_dir(tmp_path, arm, seed)
         rdir.mkdir(parents=True)
         (rdir / "measure.json").write_text(json.dumps(_measure([math.log(p) for p in probs], [math.log(0.5)], ks)))
+        def guide(step: int, arm: str = arm, seed: int = seed) -> dict:  # a guidance metric, logged by one arm
+            return {"calibrl/guide_loss": -0.01 * step * (seed + 1)} if arm == "luffy" else {}
+
         (rdir / "launch1.jsonl").write_text("".join(
-            json.dumps({"step": s, "data": {"actor/entropy": 1.0 / s, "val-core/calibrl_wall/acc/mean@1": 0.1 * s}})
-            + "\n" for s in (1, 2)))
+            json.dumps({"step": s, "data": {"actor/entropy": 1.0 / s, "val-core/calibrl_wall/acc/mean@1": 0.1 * s,
+                                            **guide(s)}}) + "\n" for s in (1, 2)))
     results = coverage_report.collect(tmp_path)
     grpo, luffy = results["arms"]["grpo"], results["arms"]["luffy"]
     assert [grpo[s]["newly_covered"] for s in ("0", "1")] == [0, 0] and grpo["1"]["lost"] == 1
@@ -100,6 +103,10 @@ def test_report_table_pairs_seeds_and_counts_newly_covered(tmp_path: Path) -> No
     assert f"{mean:.1f} ± {spread:.1f}" in row
     assert "| 0.500 ± 0.000 |" in row  # entropy at the last step, both seeds
     assert "| 1.0 ± 0.0 (lost 0.0 ± 0.0) |" in row  # newly covered and lost test problems
+    # guidance: guide loss, mean over steps 1-2, is -0.015 (seed 0) and -0.03 (seed 1); GRPO logged none
+    guide = next(line for line in text.split("\n\n")[1].splitlines() if line.startswith("| LUFFY"))
+    assert guide == f"| LUFFY | n/a | n/a | -0.023 ± {0.015 / math.sqrt(2):.3f} | n/a |"
+    assert "| GRPO | n/a | n/a | n/a | n/a |" in text
     coverage_report.main(["--study", str(tmp_path), "--out", str(tmp_path / "report")])
     for name in ("results.json", "results.md", "pass_at_k.png", "temperature.png", "entropy.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name

@@ -8,7 +8,7 @@ Writes into ``--out``:
   same at the end of RL, the problems newly covered, and the entropy and greedy-accuracy curves;
 * ``results.md``: per arm (mean ± std over seeds) pass@1 and pass@K at T = 1 on RL-train and test, start and end,
   coverage on test, problems newly covered, entropy at the end, and the paired difference from GRPO on the same
-  seed;
+  seed; then the guidance each arm applied (``GUIDANCE``, means over its training steps);
 * ``pass_at_k.png`` (test, T = 1, start and every arm's end), ``temperature.png`` (test pass@1 against the sampling
   temperature), ``entropy.png`` (verl's ``actor/entropy`` over steps).
 
@@ -31,6 +31,9 @@ from calibrl_verl.study.grid import read_run
 
 T_MAIN = "1.0"
 ENTROPY = "actor/entropy"
+# the mechanism, per run: the mean over training steps of each (label, metric); arms that do not log one show n/a
+GUIDANCE = (("on-policy accuracy", "calibrl/onpolicy_acc_mean"), ("rareness |A|", "calibrl/rareness_mean"),
+            ("guide loss", "calibrl/guide_loss"), ("slope-1 share of the gate", "calibrl/gate_full_frac"))
 COVERED = 0.5
 
 
@@ -55,6 +58,8 @@ def run_summary(measure: dict[str, Any], start: dict[str, Any], steps: dict[int,
         "lost": sum(b and not a for a, b in zip(after, before, strict=True)),
         "entropy": {s: d[ENTROPY] for s, d in steps.items() if ENTROPY in d},
         "val_greedy": val_curve(steps),
+        "guidance": {key: statistics.mean(vals) for _, key in GUIDANCE
+                     if (vals := [d[key] for s, d in steps.items() if s > 0 and key in d])},
     }
 
 
@@ -108,6 +113,17 @@ def table(results: dict[str, Any]) -> str:
             f"{_stat([float(r['newly_covered']) for r in seeds.values()])} "
             f"(lost {_stat([float(r['lost']) for r in seeds.values()])}) | "
             f"{_stat(ent, 3)} | {_stat(paired('val', '1'))} | {_stat(paired('val', k))} |")
+    return "\n".join(lines) + "\n\n" + guidance_table(results)
+
+
+def guidance_table(results: dict[str, Any]) -> str:
+    """The guidance each arm applied: per ``GUIDANCE`` metric, the mean over training steps (mean ± std over
+    seeds)."""
+    lines = ["| arm | " + " | ".join(label for label, _ in GUIDANCE) + " |", "|---|" + "---|" * len(GUIDANCE)]
+    for name, seeds in results["arms"].items():
+        cells = [_stat([r["guidance"][key] for r in seeds.values() if key in r.get("guidance", {})], 3)
+                 for _, key in GUIDANCE]
+        lines.append(f"| {ARMS[name].label if name in ARMS else name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
