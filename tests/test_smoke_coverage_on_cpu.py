@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrl_verl import dump_check, smoke
+from calibrl_verl import dump_check
 from calibrl_verl.study import coverage, grid
 
 pytestmark = pytest.mark.smoke
@@ -39,12 +39,11 @@ def test_fast_coverage_study_trains_measures_and_reports(tmp_path: Path) -> None
         assert 0 <= steps[step]["training/rollout_probs_diff_mean"] < 0.02  # vLLM got the trained weights
     # every step recomputed from its dump, with the arm's all-wrong weight; with the paper's weight (0) the logged
     # guide loss no longer matches: all-wrong groups were there and were guided
-    overrides = [*coverage.run_overrides(out, arm, 0, cfg), *extra]
-    results = smoke.check(rdir / "launch1.jsonl", cfg.steps, "calibrl", dump_dir=tmp_path / "dump", overrides=overrides)
-    assert not [text for ok, text in results if not ok], results
-    paper = dump_check.RunSettings.from_overrides(["calibrl.loss_mode=calibrl", *overrides,
-                                                   "calibrl.all_wrong_weight=0"])
-    logged = smoke.read_steps(rdir / "launch1.jsonl")
+    overrides = ["calibrl.loss_mode=calibrl", *coverage.run_overrides(out, arm, 0, cfg), *extra]
+    logged = [d for s, d in sorted(steps.items()) if s in trained]
+    results = dump_check.check_run(tmp_path / "dump", logged, dump_check.RunSettings.from_overrides(overrides))
+    assert results and not [text for ok, text in results if not ok], results
+    paper = dump_check.RunSettings.from_overrides([*overrides, "calibrl.all_wrong_weight=0"])
     assert any("guide_loss" in text for ok, text in dump_check.check_run(tmp_path / "dump", logged, paper) if not ok)
     start, end = (json.loads(p.read_text()) for p in (out / "start.json", rdir / "measure.json"))
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
