@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrl_verl import dump_check, smoke
+from calibrl_verl import dump_check, launch, smoke
 from calibrl_verl.study import coverage, grid
 
 pytestmark = pytest.mark.smoke
@@ -44,7 +44,7 @@ def test_fast_coverage_study_trains_measures_and_reports(tmp_path: Path) -> None
     assert not [text for ok, text in results if not ok], results
     paper = dump_check.RunSettings.from_overrides(["calibrl.loss_mode=calibrl", *overrides,
                                                    "calibrl.all_wrong_weight=0"])
-    logged = smoke.read_steps(rdir / "launch1.jsonl")
+    logged = launch.read_steps(rdir / "launch1.jsonl")
     assert any("guide_loss" in text for ok, text in dump_check.check_run(tmp_path / "dump", logged, paper) if not ok)
     start, end = (json.loads(p.read_text()) for p in (out / "start.json", rdir / "measure.json"))
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
