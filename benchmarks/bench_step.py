@@ -4,10 +4,10 @@
     python benchmarks/bench_step.py --rounds 1 --steps 6 --methods grpo calibrl      # a quick look
     python benchmarks/bench_step.py --report outputs/bench_step/results.json --markdown   # a saved run again
 
-Each launch is the tiny recipe of ``calibrl_verl.smoke`` (verl's real trainer, FSDP2 worker, vLLM rollout server,
+Each launch is the tiny recipe of ``calibrl_verl.launch`` (verl's real trainer, FSDP2 worker, vLLM rollout server,
 weight sync; 4 prompts per step) with ``trainer.resume_mode=disable``, no checkpoint, and the same seed
 (``data.seed``, ``actor_rollout_ref.rollout.seed``, ``calibrl.seed``) and data for every method. On-policy samples
-per prompt are equal: ``smoke.recipe_overrides`` sets ``calibrl.n_onpolicy`` = 4, so ``rollout.n`` is 4 for GRPO
+per prompt are equal: ``launch.recipe_overrides`` sets ``calibrl.n_onpolicy`` = 4, so ``rollout.n`` is 4 for GRPO
 and 4 + 1 expert row for CalibRL / LUFFY; the table's header checks it from the rows each phase saw. Launches
 alternate GRPO, CalibRL, LUFFY, GRPO, ... so all methods see the same drift of a shared machine; one launch at a
 time, each with a timeout after which it is killed with its Ray cluster and vLLM processes.
@@ -26,7 +26,7 @@ Probe (default; ``--no-probe`` turns it off): the launch imports this module in 
 timers and logs seconds, calls and rows per step as ``bench/*`` metrics. So the second table splits each phase
 into verl's own work and what CalibRL adds around it (TransferQueue reads and writes, balancing, metrics).
 
-Memory: a thread samples the RSS of every process of the launch (found by its tag, ``smoke.tagged_pids``) every
+Memory: a thread samples the RSS of every process of the launch (found by its tag, ``launch.tagged_pids``) every
 ``--interval`` s; processes are classed by their title (Ray and vLLM set them): trainer = TaskRunner + FSDP
 WorkerDict, rollout = vLLMHttpServer + its EngineCore children, rest = driver, Ray, TransferQueue, agent-loop
 and reward workers. The table gives the peak of each class's summed RSS (shared pages count once per process).
@@ -211,10 +211,10 @@ class MemorySampler(threading.Thread):
         self.join()
 
     def sample(self) -> None:
-        from calibrl_verl import smoke
+        from calibrl_verl import launch
 
         info: dict[int, tuple[int, str, int]] = {}
-        for pid in smoke.tagged_pids(self.tag):
+        for pid in launch.tagged_pids(self.tag):
             try:
                 proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
                 info[pid] = (proc.ppid(), process_title(proc), proc.memory_info().rss)
@@ -235,10 +235,10 @@ class MemorySampler(threading.Thread):
 # Launches
 # ----------------------------------------------------------------------------------------------------------
 def overrides(assets: Path, run_dir: Path, method: str, steps: int, seed: int) -> list[str]:
-    """The smoke recipe for ``method`` with no resume, no checkpoint and one seed everywhere."""
-    from calibrl_verl import smoke
+    """The tiny recipe for ``method`` with no resume, no checkpoint and one seed everywhere."""
+    from calibrl_verl import launch
 
-    return smoke.recipe_overrides(assets, run_dir, steps, method, "cpu") + [
+    return launch.recipe_overrides(assets, run_dir, steps, method, "cpu") + [
         "trainer.resume_mode=disable", "trainer.save_freq=-1",
         f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}", f"calibrl.seed={seed}",
     ]
@@ -246,33 +246,32 @@ def overrides(assets: Path, run_dir: Path, method: str, steps: int, seed: int) -
 
 def step_rows(metrics_path: Path) -> list[dict[str, float]]:
     """Per logged step: the timers, the probe's records and the row-count metrics."""
-    from calibrl_verl import smoke
+    from calibrl_verl import launch
 
     keep = ("timing_s/", "bench/", "calibrl/expert_groups_frac", "calibrl/update_rows", "training/global_step")
-    return [{k: v for k, v in d.items() if k.startswith(keep)} for d in smoke.read_steps(metrics_path)]
+    return [{k: v for k, v in d.items() if k.startswith(keep)} for d in launch.read_steps(metrics_path)]
 
 
 def run_launch(out: Path, assets: Path, method: str, rnd: int, args: argparse.Namespace) -> dict[str, Any]:
     """One launch, its memory sampled; returns its record (steps, memory, wall time, error)."""
-    from calibrl_verl import smoke
+    from calibrl_verl import launch
 
     run_dir = out / method
-    launch = smoke.start(run_dir, overrides(assets, run_dir, method, args.steps, args.seed), "cpu",
-                         name=f"round{rnd}")
-    sampler = MemorySampler(launch.tag, args.interval)
+    job = launch.start(run_dir, overrides(assets, run_dir, method, args.steps, args.seed), "cpu", name=f"round{rnd}")
+    sampler = MemorySampler(job.tag, args.interval)
     sampler.start()
     start, error = time.time(), None
     try:
-        launch.wait(args.timeout)
+        job.wait(args.timeout)
     except BaseException as exc:  # timeout, failure, Ctrl-C: the launch is killed with its cluster either way
-        launch.kill()
+        job.kill()
         if not isinstance(exc, Exception):
             raise
         error = f"{type(exc).__name__}: {str(exc)[-2000:]}"
     finally:
         sampler.stop()
-        smoke.kill_tagged(launch.tag)
-    steps = step_rows(launch.metrics) if launch.metrics.exists() else []
+        launch.kill_tagged(job.tag)
+    steps = step_rows(job.metrics) if job.metrics.exists() else []
     return {"method": method, "round": rnd, "wall_s": time.time() - start, "error": error, "steps": steps,
             "peak_rss": dict(sampler.peak),
             "processes": sorted(sampler.per_process.values(), key=lambda p: -p[2])}
@@ -293,10 +292,10 @@ def machine() -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Every launch, alternating methods within each round; results saved after each launch."""
-    from calibrl_verl import smoke
+    from calibrl_verl import launch
 
     out = args.out.resolve()
-    assets = smoke.ensure_assets((args.assets or out / "assets").resolve())
+    assets = launch.ensure_assets((args.assets or out / "assets").resolve())
     if not args.no_probe:
         here = str(Path(__file__).resolve().parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
@@ -444,7 +443,7 @@ def samples_line(ok: dict[str, list[dict]], methods: list[str], prompts: int) ->
 
 
 def report(results: dict[str, Any], markdown: bool) -> str:
-    from calibrl_verl import smoke
+    from calibrl_verl.launch import N_ONPOLICY, PROMPTS_PER_STEP
 
     launches = results["launches"]
     methods = [m for m in METHODS if any(launch["method"] == m for launch in launches)]
@@ -461,8 +460,8 @@ def report(results: dict[str, Any], markdown: bool) -> str:
         f"at start; {mach['date']}; {', '.join(f'{k} {v}' for k, v in mach['versions'].items())}",
         f"launches: {len(launches)} ({len(failed)} failed), {results.get('took_s', 0) / 60:.1f} min; steps 2..N "
         f"pooled: {', '.join(f'{m} {k}' for m, k in n_steps.items())}",
-        samples_line(ok, methods, smoke.PROMPTS_PER_STEP), "",
-        phase_table(ok, methods, smoke.N_ONPOLICY, markdown), "",
+        samples_line(ok, methods, PROMPTS_PER_STEP), "",
+        phase_table(ok, methods, N_ONPOLICY, markdown), "",
         memory_table(ok, methods, markdown), "",
         probe_table(ok, methods, markdown), *failed,
     ]

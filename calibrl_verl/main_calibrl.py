@@ -355,7 +355,7 @@ def main(config: Any) -> None:
     try:
         cfg = prepare_config(config)
         # here, not in prepare_config: tools and tests prepare configs whose placement (GPU count) only the
-        # launch sets, e.g. the toy study's, to which calibrl_verl.smoke adds the CPU backend's 1 GPU
+        # launch sets, e.g. the toy study's, to which calibrl_verl.launch adds the CPU backend's 1 GPU
         check_batch_split(config, cfg)
         if _dry_run:
             dry_run(config)

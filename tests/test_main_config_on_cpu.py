@@ -278,11 +278,11 @@ def test_missing_inputs_name_every_file_and_the_variable(tmp_path, monkeypatch):
 
 
 def _tiny_overrides(assets, run_dir, mode: str, device: str) -> list[str]:
-    """A smoke launch's overrides, as calibrl_verl.smoke builds them (CPU backend's first)."""
-    from calibrl_verl import smoke
+    """A smoke launch's overrides, as calibrl_verl.launch builds them (CPU backend's first)."""
+    from calibrl_verl import launch
     from calibrl_verl.cpu import cpu_overrides
 
-    return (cpu_overrides() if device == "cpu" else []) + smoke.recipe_overrides(assets, run_dir, 3, mode, device)
+    return (cpu_overrides() if device == "cpu" else []) + launch.recipe_overrides(assets, run_dir, 3, mode, device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
@@ -306,7 +306,7 @@ def test_the_tiny_recipe_passes_the_start_up_checks(mode, device, tmp_path):
 
 
 def test_the_toy_study_runs_pass_the_batch_split_check(tmp_path):
-    """Every arm of the study grid, with the CPU backend's placement that calibrl_verl.smoke adds at launch."""
+    """Every arm of the study grid, with the CPU backend's placement that calibrl_verl.launch adds at launch."""
     from calibrl_verl.cpu import cpu_overrides
     from calibrl_verl.main_calibrl import check_batch_split
     from calibrl_verl.study import grid

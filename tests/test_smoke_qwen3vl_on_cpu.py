@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from calibrl_verl import smoke
+from calibrl_verl import launch, smoke
 
 pytestmark = [pytest.mark.smoke, pytest.mark.families]
 TIMEOUT = 1200
@@ -25,14 +25,14 @@ STEPS = 2
 def test_calibrl_trains_a_tiny_qwen3_vl(tmp_path: Path) -> None:
     out = tmp_path / "qwen3vl"
     dump = out / "dump"
-    metrics = smoke.run(out, STEPS, "calibrl", "cpu", ["trainer.resume_mode=disable", f"calibrl.dump_dir={dump}"],
-                        timeout=TIMEOUT, family="qwen3_vl")  # fmt: skip
+    metrics = launch.run(out, STEPS, "calibrl", "cpu", ["trainer.resume_mode=disable", f"calibrl.dump_dir={dump}"],
+                         timeout=TIMEOUT, family="qwen3_vl")  # fmt: skip
     # steps logged, finite non-zero gradients, the guide term active with a gate inside (0, 1), expert rows out of
     # the update, and weight sync: vLLM starts from random weights, so its probabilities match the actor's only
     # if every step's sync of the Qwen3-VL weights (vision tower and DeepStack mergers included) reached it
     failed = [text for ok, text in smoke.check(metrics, STEPS, "calibrl") if not ok]
     assert not failed, failed
-    steps = smoke.read_steps(metrics)
+    steps = launch.read_steps(metrics)
     for key in ("actor/pg_loss", "calibrl/guide_loss", "actor/entropy"):
         assert all(math.isfinite(d[key]) for d in steps), key
     log = metrics.with_suffix(".log").read_text()
@@ -43,7 +43,7 @@ def test_calibrl_trains_a_tiny_qwen3_vl(tmp_path: Path) -> None:
     for step in range(1, STEPS + 1):
         df = pd.read_parquet(dump / f"step_{step:06d}.parquet")
         onpolicy = df[~df.is_expert]
-        assert df.is_expert.sum() == smoke.PROMPTS_PER_STEP and onpolicy.guided.any()
+        assert df.is_expert.sum() == launch.PROMPTS_PER_STEP and onpolicy.guided.any()
         varied += int((onpolicy.groupby("uid").score.nunique() > 1).sum())
         assert (onpolicy.advantage != 0).any() == ((onpolicy.groupby("uid").score.nunique() > 1).any())
     assert varied > 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from calibrl_verl import smoke, tiny
+from calibrl_verl import launch, smoke, tiny
 
 pytestmark = [pytest.mark.smoke, pytest.mark.families]
 STEPS = 2
@@ -26,7 +26,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(out dir, metrics JSONL) of one 2-step CalibRL run on the tiny text model, with the per-step dump."""
     out = tmp_path_factory.mktemp("smoke_text")
     extra = ["trainer.resume_mode=disable", f"calibrl.dump_dir={out / 'dump'}"]
-    return out, smoke.run(out, STEPS, "calibrl", "cpu", extra, family="text")
+    return out, launch.run(out, STEPS, "calibrl", "cpu", extra, family="text")
 
 
 def test_calibrl_trains_the_text_model_end_to_end(run: tuple[Path, Path]) -> None:
@@ -45,10 +45,10 @@ def test_rewards_vary_at_step_one(run: tuple[Path, Path]) -> None:
 
     df = pd.read_parquet(run[0] / "dump" / "step_000001.parquet")
     onpolicy = df[~df.is_expert]
-    assert len(onpolicy) == smoke.PROMPTS_PER_STEP * smoke.N_ONPOLICY
+    assert len(onpolicy) == launch.PROMPTS_PER_STEP * launch.N_ONPOLICY
     assert (onpolicy.groupby("uid").score.agg(lambda s: s.max() - s.min()) > 0).any()
     assert 0.0 < onpolicy.acc.mean() < 1.0 and (onpolicy.advantage != 0).any()
-    assert (df[df.is_expert].acc == 1.0).all() and len(df[df.is_expert]) == smoke.PROMPTS_PER_STEP
+    assert (df[df.is_expert].acc == 1.0).all() and len(df[df.is_expert]) == launch.PROMPTS_PER_STEP
 
 
 def test_no_row_had_images(run: tuple[Path, Path]) -> None:
@@ -67,8 +67,8 @@ def test_no_row_had_images(run: tuple[Path, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny.text_model_dir(assets))  # as verl loads it: no processor
     lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)["input_ids"])
                for p in prompts]  # fmt: skip
-    for step, logged in enumerate(smoke.read_steps(metrics)):
-        want = lengths[step * smoke.PROMPTS_PER_STEP : (step + 1) * smoke.PROMPTS_PER_STEP]
+    for step, logged in enumerate(launch.read_steps(metrics)):
+        want = lengths[step * launch.PROMPTS_PER_STEP : (step + 1) * launch.PROMPTS_PER_STEP]
         got = (logged["prompt_length/min"], logged["prompt_length/max"], logged["prompt_length/mean"])
         assert got == (min(want), max(want), pytest.approx(sum(want) / len(want))), (step + 1, got, want)
     # the trainer's checkpoint: the text model, saved without a processor (verl saves one next to a VL model)

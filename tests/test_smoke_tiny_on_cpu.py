@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrl_verl import dump_check, smoke, tiny
+from calibrl_verl import dump_check, launch, smoke, tiny
 from calibrl_verl.study import grid, report
 
 TIMEOUT = 1200
@@ -87,7 +87,7 @@ def test_fast_toy_study_runs_logs_plots_and_tabulates(out: Path, capfd: pytest.C
 
 
 def _resume_overrides(assets: Path, rdir: Path, save_freq: int) -> list[str]:
-    return (smoke.recipe_overrides(assets, rdir, 3, "calibrl", "cpu", save_freq=save_freq) + RESUME_OVERRIDES
+    return (launch.recipe_overrides(assets, rdir, 3, "calibrl", "cpu", save_freq=save_freq) + RESUME_OVERRIDES
             + [f"trainer.rollout_data_dir={rdir / 'rollouts'}", f"calibrl.dump_dir={rdir / 'dump'}"])
 
 
@@ -113,37 +113,37 @@ def _rollouts(rdir: Path, step: int) -> list[tuple]:
     return sorted((r["input"], r["output"], r["gts"], round(r["score"], 6)) for r in rows)
 
 
-def _wait_for_checkpoint(launch: smoke.Launch, ckpt_dir: Path, step: int, timeout: float = 900) -> None:
+def _wait_for_checkpoint(job: launch.Launch, ckpt_dir: Path, step: int, timeout: float = 900) -> None:
     tracker = ckpt_dir / "latest_checkpointed_iteration.txt"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if tracker.exists() and tracker.read_text().strip() == str(step):
             return
-        if launch.proc.poll() is not None:
-            pytest.fail(f"the run ended before checkpointing step {step}: {launch.log_path.read_text()[-3000:]}")
+        if job.proc.poll() is not None:
+            pytest.fail(f"the run ended before checkpointing step {step}: {job.log_path.read_text()[-3000:]}")
         time.sleep(0.2)
-    launch.kill()
+    job.kill()
     pytest.fail(f"no checkpoint of step {step} within {timeout} s")
 
 
 @pytest.mark.smoke
 def test_killed_run_resumes_to_the_same_next_step(out: Path) -> None:
     """Kill a run after step 2's checkpoint, resume it: step 3 equals step 3 of an uninterrupted run."""
-    assets = smoke.ensure_assets(out / "assets")
+    assets = launch.ensure_assets(out / "assets")
     straight = out / "straight"
-    smoke.launch(straight, _resume_overrides(assets, straight, save_freq=3), "cpu", timeout=TIMEOUT)
+    launch.launch(straight, _resume_overrides(assets, straight, save_freq=3), "cpu", timeout=TIMEOUT)
 
     killed = out / "killed"
-    first = smoke.start(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch1")
+    first = launch.start(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch1")
     _wait_for_checkpoint(first, killed / "checkpoints", 2)
     assert first.kill() > 3  # the driver and its Ray cluster (raylet, workers), all SIGKILLed
-    assert smoke.tagged_pids(first.tag) == []
+    assert launch.tagged_pids(first.tag) == []
     assert not (killed / "checkpoints" / "global_step_3").exists()
     # the resumed launch logs into the killed launch's metrics file (a copy: launch1.jsonl stays as it was)
     killed_steps = [json.loads(line)["step"] for line in (killed / "launch1.jsonl").read_text().splitlines()]
     shutil.copyfile(killed / "launch1.jsonl", killed / "launch2.jsonl")
-    resumed = smoke.launch(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch2",
-                           timeout=TIMEOUT)
+    resumed = launch.launch(killed, _resume_overrides(assets, killed, save_freq=2), "cpu", name="launch2",
+                            timeout=TIMEOUT)
 
     # nothing logged before the restart is lost (verl's file logger alone would leave [3]): the killed launch's
     # steps (step 2's line only if the kill came after it, not between step 2's checkpoint and its log line),
@@ -201,15 +201,15 @@ def test_two_data_parallel_ranks_train_calibrl_with_two_distinct_experts(out: Pa
     of the on-policy subset run end to end (about 2.5 minutes and 13 GB on 2 cores); with the sequence gap and
     calibrl.experts_per_group=2 drawn from a list column (groups of 4 + 2 rows, or 4 + 1 when a problem has one
     trace): the baseline is the mean over a group's experts, reproduced from the dump across both ranks' rows."""
-    train = _two_trace_train_file(smoke.ensure_assets(out / "assets"), out / "train_two_traces.parquet")
+    train = _two_trace_train_file(launch.ensure_assets(out / "assets"), out / "train_two_traces.parquet")
     two_ranks = ["trainer.n_gpus_per_node=2", "++ray_kwargs.ray_init.num_gpus=2", "trainer.resume_mode=disable",
                  "calibrl.gap=sequence", f"calibrl.dump_dir={out / 'dp2' / 'dump'}", f"data.train_files={train}",
                  "calibrl.experts_per_group=2"]
-    metrics = smoke.run(out / "dp2", 2, "calibrl", "cpu", two_ranks, name="dp2")
+    metrics = launch.run(out / "dp2", 2, "calibrl", "cpu", two_ranks, name="dp2")
     results = smoke.check(metrics, 2, "calibrl", dump_dir=out / "dp2" / "dump", overrides=two_ranks)
     assert not [text for ok, text in results if not ok], results
     assert any("sequence gap" in text for _, text in results)
-    assert [d["calibrl/groups_short_of_experts"] for d in smoke.read_steps(metrics)] == [1.0, 1.0]
+    assert [d["calibrl/groups_short_of_experts"] for d in launch.read_steps(metrics)] == [1.0, 1.0]
     for step in (1, 2):
         df = pd.read_parquet(out / "dp2" / "dump" / f"step_{step:06d}.parquet")
         experts = df[df.is_expert].groupby("uid").response_ids.agg(list)
@@ -230,7 +230,7 @@ def test_offpolicy_baselines_train_on_expert_tokens_end_to_end(out: Path, mode: 
     extra = ["trainer.resume_mode=disable", f"calibrl.dump_dir={dump}"]
     if mode == "luffy":
         extra += ["calibrl.mix_policy=pass_rate", "calibrl.pass_rate_range=[0.0,0.25]"]
-    metrics = smoke.run(out / "baselines", 2, mode, "cpu", extra)
+    metrics = launch.run(out / "baselines", 2, mode, "cpu", extra)
     # every step recomputed from its dump: which groups use their expert (pass rate), A_e on the active experts,
     # the tokens the update counts (inactive experts: none) and the logged expert-token loss, sign and denominator
     results = smoke.check(metrics, 2, mode, every_group_guided=mode != "luffy", dump_dir=dump, overrides=extra)
@@ -244,7 +244,7 @@ def test_offpolicy_baselines_train_on_expert_tokens_end_to_end(out: Path, mode: 
         assert inactive == 0  # mix_policy=always: every expert active
         return
     # both kinds of group were seen (P(no inactive group in 8) ~ 1%, P(no active one) ~ 0.1% at 35% accuracy)
-    assert 0 < inactive < 2 * smoke.PROMPTS_PER_STEP
+    assert 0 < inactive < 2 * launch.PROMPTS_PER_STEP
 
 
 # -- the dump checks on hand-made dumps (no launch) ------------------------------------------------------------------

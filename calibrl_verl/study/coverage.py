@@ -5,7 +5,7 @@
 
 The task, model and SFT warm-start are ``calibrl_verl.tiny.wall_task`` (arXiv 2505.22756's synthetic v5 task).
 Every arm starts from the same SFT model and trains with verl's real trainer on the CPU backend
-(``calibrl_verl.smoke``'s launcher), with the same rollout budget per prompt (``rows_per_prompt``: GRPO samples
+(``calibrl_verl.launch``), with the same rollout budget per prompt (``rows_per_prompt``: GRPO samples
 them all, the guided arms sample one fewer and add the gold completion as the expert row). After a run, its last
 checkpoint is merged to a Hugging Face model with ``verl.model_merger`` and measured.
 
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from calibrl_verl import smoke, tiny
+from calibrl_verl import launch, tiny
 from calibrl_verl.eval_metrics import expected_pass_at_k
 from calibrl_verl.study.grid import resumable_launch
 
@@ -123,7 +123,7 @@ def start_model(out: Path, arm: Arm, seed: int) -> Path:
 def run_overrides(out: Path, arm: Arm, seed: int, cfg: CoverageConfig) -> list[str]:
     """The tiny recipe on the wall family, then the study's RL recipe, budget and seed, then the arm."""
     rdir = run_dir(out, arm.name, seed)
-    args = smoke.recipe_overrides(assets_dir(out), rdir, cfg.steps, arm.loss_mode, "cpu", family="wall")
+    args = launch.recipe_overrides(assets_dir(out), rdir, cfg.steps, arm.loss_mode, "cpu", family="wall")
     on_policy = cfg.rows_per_prompt - (0 if arm.loss_mode == "grpo" else 1)
     rows = cfg.prompts_per_step * cfg.rows_per_prompt
     # one micro-batch per update: the rows the update sees (CalibRL leaves its expert rows out of it, LUFFY and
@@ -210,8 +210,8 @@ def prepare(out: Path, cfg: CoverageConfig) -> None:
         raise ValueError(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
     # 2 torch threads: the SFT is 3125 steps (~30 minutes on 2 cores); the weights depend on the seed and the
     # thread count, both fixed here
-    smoke.ensure_assets(assets_dir(out), family="wall", n_train=cfg.n_train, n_val=cfg.n_val,
-                        warmstart_items=cfg.n_sft, eval_samples=0, threads=2)
+    launch.ensure_assets(assets_dir(out), family="wall", n_train=cfg.n_train, n_val=cfg.n_val,
+                         warmstart_items=cfg.n_sft, eval_samples=0, threads=2)
     if not (out / "start.json").exists():
         (out / "start.json").write_text(json.dumps(measure(tiny.text_model_dir(assets_dir(out)), assets_dir(out),
                                                            cfg)))

@@ -2,7 +2,7 @@
 
     python -m calibrl_verl.study.grid --out outputs/toy_study [--preset full|fast] [--jobs 1] [hydra overrides]
 
-Every run is one ``python -m calibrl_verl.main_calibrl`` launch of the tiny recipe (``calibrl_verl.smoke``:
+Every run is one ``python -m calibrl_verl.main_calibrl`` launch of the tiny recipe (``calibrl_verl.launch``:
 verl's real trainer, agent loop, reward loop and checkpoints; the rollout is verl's vLLM server on vLLM's CPU build)
 with the method's overrides and the seed in ``data.seed``, ``actor_rollout_ref.rollout.seed`` and
 ``calibrl.seed``. All methods start from the same weakly warm-started tiny model, so rewards vary from step 1.
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from calibrl_verl import smoke, tiny
+from calibrl_verl import launch, tiny
 from calibrl_verl.progress import progress
 
 
@@ -126,7 +126,7 @@ def run_overrides(out: Path, method: Method, seed: int, cfg: StudyConfig) -> lis
     """The Hydra overrides of one run: the tiny recipe, then the study's schedule and seed, then the method."""
     assets = out / "assets"
     rdir = run_dir(out, method.name, seed)
-    args = smoke.recipe_overrides(assets, rdir, cfg.steps, method.loss_mode, "cpu", save_freq=cfg.save_freq)
+    args = launch.recipe_overrides(assets, rdir, cfg.steps, method.loss_mode, "cpu", save_freq=cfg.save_freq)
     train = out / "data" / "train_weak_expert.parquet" if method.weak_expert else tiny.train_files(assets)
     args += [
         f"data.train_files={train}", "data.shuffle=true", f"data.seed={seed}",
@@ -163,7 +163,7 @@ def resumable_launch(rdir: Path, overrides: list[str], key: dict[str, Any], step
     t0 = time.time()
     error = None
     try:
-        smoke.launch(rdir, overrides, "cpu", name=name, timeout=timeout)
+        launch.launch(rdir, overrides, "cpu", name=name, timeout=timeout)
     except Exception as err:  # noqa: BLE001 - recorded, and the grid goes on
         error = f"{type(err).__name__}: {str(err)[-2000:]}"
     attempts.append({"launch": name, "seconds": round(time.time() - t0, 1), "error": error})
@@ -198,7 +198,7 @@ def prepare(out: Path, cfg: StudyConfig) -> None:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    smoke.ensure_assets(out / "assets", n_train=cfg.n_train, n_val=cfg.n_val)
+    launch.ensure_assets(out / "assets", n_train=cfg.n_train, n_val=cfg.n_val)
     if any(METHODS[m].weak_expert for m in cfg.methods):
         weak = out / "data" / "train_weak_expert.parquet"
         if not weak.exists():
