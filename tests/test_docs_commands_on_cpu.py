@@ -197,7 +197,7 @@ COMMANDS: dict[str, Entry] = {
     "bash scripts/setup_cpu.sh": not_run(INSTALL, check=bash_syntax("scripts/setup_cpu.sh")),
     "bash recipes/run_calibrl_tiny_cpu.sh": covered(
         f"{SMOKE_TINY}::test_two_data_parallel_ranks_train_calibrl_with_two_distinct_experts",
-        ("smoke.run(", '"calibrl", "cpu"'), "3 steps of verl's real trainer (~2 min); the smoke tests run smoke.run",
+        ("launch.run(", '"calibrl", "cpu"'), "3 steps of verl's real trainer (~2 min); the smoke tests run launch.run",
         wrapper=True, calls=("-m calibrl_verl.smoke run --device cpu", "--loss-mode calibrl")),
     "LOSS_MODE=grpo bash recipes/run_calibrl_tiny_cpu.sh": covered(
         TOY, ("grid.run_grid(", '"grpo"'), "the fast toy study trains GRPO on the same tiny recipe",
@@ -418,12 +418,12 @@ COMMANDS: dict[str, Entry] = {
         via=(("tests/test_tiny_assets_on_cpu.py", ("from calibrl_verl.tiny.build import", "build(root")),),
         subs=(("DIR", "outputs/tiny"),), help=True),
     "python -m calibrl_verl.smoke run --family qwen3_vl --steps 2": covered(
-        "tests/test_smoke_qwen3vl_on_cpu.py::test_calibrl_trains_a_tiny_qwen3_vl", ("smoke.run(", 'family="qwen3_vl"'),
+        "tests/test_smoke_qwen3vl_on_cpu.py::test_calibrl_trains_a_tiny_qwen3_vl", ("launch.run(", 'family="qwen3_vl"'),
         "a 2-minute launch of verl's trainer (the test is marked families: bash scripts/test.sh -m families)",
         help=True),
     "python -m calibrl_verl.smoke run --family text --steps 2": covered(
         "tests/test_smoke_text_on_cpu.py::test_calibrl_trains_the_text_model_end_to_end",
-        ("smoke.run(", 'family="text"'),
+        ("launch.run(", 'family="text"'),
         "a launch of verl's trainer (the test is marked families: bash scripts/test.sh -m families)", help=True),
     "python -m calibrl_verl.experts generate --samples N --keep all": covered(
         "tests/test_experts_on_cpu.py::test_keep_all_takes_every_sample_and_keeps_each_distinct_verified_trace",
@@ -441,6 +441,7 @@ COMMANDS: dict[str, Entry] = {
     "vllm serve": mention("vLLM's OpenAI server, named; the command is in docs/data.md"),
     "python -m calibrl_verl.main_calibrl": mention(),
     "python -m calibrl_verl.data.validate": mention(),
+    "python -m calibrl_verl.smoke run": mention(),
     "python -m calibrl_verl.experts generate": mention(),
     "python -m calibrl_verl.evaluate": mention(),
     "python -m calibrl_verl.evaluate_compare": mention(),
