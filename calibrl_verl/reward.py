@@ -182,7 +182,7 @@ def first_answer(response: str) -> str | None:
 
 def accuracy_reward(response: str, ground_truth: Any, strict_format: bool = False) -> float:
     """1.0 iff the graded answer block (``first_answer``, or ``extract_answer`` when strict) matches the truth."""
-    answer = extract_answer(response) if strict_format else first_answer(response)
+    answer = graded_text(None, response, strict_format)  # the one extraction rule, shared with evaluation
     if answer is None or ground_truth is None:
         return 0.0
     truths = ground_truth if isinstance(ground_truth, list | tuple) else [ground_truth]

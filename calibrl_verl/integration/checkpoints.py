@@ -28,7 +28,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from verl.utils.checkpoint.checkpoint_manager import get_checkpoint_tracker_filename
+
 # verl's FSDP checkpoint manager: file prefix per entry of actor.checkpoint.save_contents
 _SHARD_PREFIX = {"model": "model", "optimizer": "optim", "extra": "extra_state"}
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -72,7 +73,7 @@ def complete_checkpoints(root: Path, save_contents: Sequence[str] | None) -> lis
 
 def tracked_step(root: Path, save_contents: Sequence[str] | None) -> int | None:
     """The step the tracker names; None when there is no tracker (nothing was ever saved completely)."""
-    tracker = Path(root) / TRACKER
+    tracker = Path(get_checkpoint_tracker_filename(str(root)))  # verl's own name for it
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
@@ -88,7 +89,7 @@ def check_resume(root: Path, save_contents: Sequence[str] | None) -> Path | None
     if step is None:
         return None
     folder = Path(root) / f"global_step_{step}"
-    return check_folder(folder, save_contents, f"{Path(root) / TRACKER} names step {step}, but ")
+    return check_folder(folder, save_contents, f"{get_checkpoint_tracker_filename(str(root))} names step {step}, but ")
 
 
 def check_folder(folder: Path, save_contents: Sequence[str] | None, why: str = "") -> Path:
