@@ -64,6 +64,7 @@ from typing import Any
 
 from calibrl_verl import generation
 from calibrl_verl.eval_metrics import benchmark_summary
+from calibrl_verl.experts.endpoint import FatalEndpointError
 from calibrl_verl.generation import (
     VLLM_CHUNK_ROWS,
     Backend,
@@ -77,10 +78,12 @@ from calibrl_verl.generation import (
     render,
 )
 from calibrl_verl.progress import progress
-from calibrl_verl.reward import compute_score, graded_text
+from calibrl_verl.protocols import PROTOCOLS, Item, Protocol, get_protocol
+from calibrl_verl.protocols.base import ProtocolError, parse_meta
+from calibrl_verl.protocols.judge import JudgeError
 
 REQUIRED_COLUMNS = ("prompt", "reward_model")
-PROTOCOL = "calibrl"  # the training prompt and reward (what the paper reports)
+DEFAULT_PROTOCOL = "calibrl"  # the training prompt and reward (what the paper reports)
 SAMPLING_TEMPERATURE = 1.0  # --n-samples > 1 without --temperature: the training temperature
 
 
@@ -99,6 +102,7 @@ class Row:
     images: list[Any]
     ground_truth: Any
     extra_info: dict[str, Any] | None
+    item: Item  # what the protocol grades
 
 
 # ----------------------------------------------------------------------------------------------- data loading
@@ -126,22 +130,21 @@ def _ground_truth(record: dict[str, Any], path: Path, position: int) -> Any:
     return reward_model["ground_truth"]
 
 
-def load_rows(path: Path, benchmark: str, limit: int | None = None) -> list[Row]:
-    """Parse one benchmark parquet into rows."""
+def load_rows(path: Path, benchmark: str, limit: int | None = None, protocol: Protocol | None = None) -> list[Row]:
+    """Parse one benchmark parquet into rows whose messages are the protocol's prompt (default: calibrl's)."""
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
     rows = []
     for position, record in enumerate(read_benchmark(path, limit)):
         images = [decode_image(item) for item in _as_list(record.get("images"))]
-        rows.append(
-            Row(
-                benchmark=benchmark,
-                index=position,
-                data_source=str(record.get("data_source") or benchmark),
-                messages=build_messages(_as_list(record["prompt"]), images),
-                images=images,
-                ground_truth=_ground_truth(record, path, position),
-                extra_info=record.get("extra_info") if isinstance(record.get("extra_info"), dict) else None,
-            )
-        )
+        extra_info = record.get("extra_info") if isinstance(record.get("extra_info"), dict) else None
+        where = f"{path}: row {position}"
+        item = Item(data_source=str(record.get("data_source") or benchmark),
+                    prompt=[dict(m) for m in _as_list(record["prompt"])],
+                    ground_truth=_ground_truth(record, path, position), extra_info=extra_info,
+                    meta=parse_meta(extra_info, where), n_images=len(images), where=where)
+        rows.append(Row(benchmark=benchmark, index=position, data_source=item.data_source,
+                        messages=build_messages(protocol.prompt(item), images), images=images,
+                        ground_truth=item.ground_truth, extra_info=extra_info, item=item))
     return rows
 
 
@@ -205,17 +208,16 @@ def sampling_of(args: argparse.Namespace) -> Sampling:
 # ----------------------------------------------------------------------------------------------------- scoring
 
 
-def score_rows(responses: Sequence[str], rows: Sequence[Row]) -> list[dict[str, float]]:
-    """The training reward for each (response, row): ``{"score", "acc", "format"}`` from ``compute_score``."""
+def score_rows(responses: Sequence[str], rows: Sequence[Row], protocol: Protocol | None = None) -> list[dict[str, Any]]:
+    """The protocol's grade of each (response, row): ``{"score", "acc", "format", "extracted", "route"}``; the
+    default protocol grades with the training reward (``compute_score``)."""
     if len(responses) != len(rows):
         raise ValueError(f"{len(responses)} responses for {len(rows)} rows")
-    return [
-        compute_score(row.data_source, response, row.ground_truth, row.extra_info)
-        for response, row in zip(responses, rows, strict=True)
-    ]
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
+    return [protocol.grade(row.item, response) for response, row in zip(responses, rows, strict=True)]
 
 
-def generation_record(row: Row, request: Request, response: str, score: dict[str, float],
+def generation_record(row: Row, request: Request, response: str, score: dict[str, Any],
                       sample: int = 0) -> dict[str, Any]:
     """One line of generations.jsonl (one answer: ``sample`` k of the row's K)."""
     return {
@@ -226,7 +228,9 @@ def generation_record(row: Row, request: Request, response: str, score: dict[str
         "data_source": row.data_source,
         "prompt": request.prompt,
         "response": response,
-        "extracted": graded_text(row.data_source, response) if isinstance(response, str) else None,
+        "extracted": score.get("extracted"),
+        "route": score.get("route"),
+        "tags": json.dumps(score["tags"], sort_keys=True, default=str) if score.get("tags") else "",
         "ground_truth": row.ground_truth,
         "acc": float(score["acc"]),
         "format": float(score["format"]),
@@ -241,7 +245,8 @@ def problem_id(row: Row) -> str:
     return str(value) if value is not None and value != "" else str(row.index)
 
 
-def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = None) -> list[dict[str, Any]]:
+def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = None,
+                  protocol: Protocol | None = None) -> list[dict[str, Any]]:
     """Render, generate, score: one record per (row, sample); progress (running accuracy) after each chunk."""
     chunk = chunk_size or getattr(backend, "chunk_size", None) or max(len(rows), 1)
     records: list[dict[str, Any]] = []
@@ -254,7 +259,7 @@ def evaluate_rows(rows: list[Row], backend: Backend, chunk_size: int | None = No
             if len(answers) != len(part):
                 raise ValueError(f"{len(answers)} answer lists for {len(part)} rows")
             for row, request, texts in zip(part, requests, answers, strict=True):
-                scores = score_rows(texts, [row] * len(texts))
+                scores = score_rows(texts, [row] * len(texts), protocol)
                 records += [generation_record(row, request, text, score, k)
                             for k, (text, score) in enumerate(zip(texts, scores, strict=True))]
             bar.set_postfix(acc=f"{100.0 * sum(r['acc'] for r in records) / len(records):.1f}%")
@@ -281,7 +286,8 @@ def summarize(records: Sequence[dict[str, Any]], benchmarks: Sequence[str]) -> l
     return table
 
 
-SAMPLE_COLUMNS = ("benchmark", "id", "index", "sample", "response", "extracted", "correct", "acc", "format", "score")
+SAMPLE_COLUMNS = ("benchmark", "id", "index", "sample", "response", "extracted", "route", "correct", "acc", "format",
+                  "score", "tags", "judge_extracted", "judge_correct")
 
 
 def sample_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -289,11 +295,59 @@ def sample_row(record: dict[str, Any]) -> dict[str, Any]:
     return {**{k: record[k] for k in SAMPLE_COLUMNS if k in record}, "correct": record["acc"] > 0}
 
 
-def summaries(records: Sequence[dict[str, Any]], benchmarks: Sequence[str], sampling: Sampling) -> dict[str, Any]:
-    """``summary.json``: per benchmark, its figures and how they were measured."""
-    how = {"protocol": PROTOCOL, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
-    return {name: {**how, **benchmark_summary([sample_row(r) for r in records if r["benchmark"] == name])}
-            for name in benchmarks}
+def summaries(records: Sequence[dict[str, Any]], benchmarks: Sequence[str], sampling: Sampling,
+              protocol: Protocol | None = None, rules: dict[str, str] | None = None) -> dict[str, Any]:
+    """``summary.json``: per benchmark, its figures, how they were measured (protocol, its rule set, sampling) and
+    how answers were found (``extraction``: % of samples per route, e.g. ``boxed``; see protocols.extract)."""
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
+    how = {"protocol": protocol.name, "temperature": sampling.temperature, "top_p": sampling.top_p,
+           "seed": sampling.seed}
+    out = {}
+    for name in benchmarks:
+        samples = [sample_row(r) for r in records if r["benchmark"] == name]
+        rule = (rules or {}).get(name, "")
+        out[name] = {**how, "rules": rule, **benchmark_summary(samples), "extraction": route_shares(samples),
+                     **protocol.extras(rule, samples)}
+        if any("judge_correct" in s for s in samples):
+            out[name]["judge"] = judge_summary(samples)
+    return out
+
+
+def judge_summary(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The same figures with the judge's verdicts (``judge_correct``, ``judge_extracted``) in place of the rules'."""
+    judged = [{**s, "correct": bool(s.get("judge_correct")), "extracted": s.get("judge_extracted")}
+              for s in samples if "judge_correct" in s]
+    summary = benchmark_summary(judged)
+    summary.pop("format_rate", None)
+    return {**summary, "no_verdict": 100.0 * sum(s.get("judge_extracted") is None for s in judged) / len(judged)}
+
+
+# ------------------------------------------------------------------------------------------------------- judge
+
+
+def judge_records(records: list[dict[str, Any]], datasets: Sequence[list[Row]], protocol: Protocol,
+                  judge: Any) -> dict[str, Any]:
+    """Add ``judge_extracted`` / ``judge_correct`` to the records of benchmarks whose rules have a judge
+    (community MathVista, MathVerse); returns the judge's request counts."""
+    from calibrl_verl.protocols.community import rules_for
+
+    rows = {(row.benchmark, row.index): row for rows in datasets for row in rows}
+    todo = [(r, rows[(r["benchmark"], r["index"])]) for r in records]
+    todo = [(r, row, rules_for(row.data_source)) for r, row in todo]
+    todo = [(r, row, rules) for r, row, rules in todo if rules.judge_prompt is not None]
+    if protocol.name != "community" or not todo:
+        return {}
+    replies = judge.ask([rules.judge_prompt(row.item, str(r["response"])) for r, row, rules in todo])
+    for (record, row, rules), reply in zip(todo, replies, strict=True):
+        extracted, correct = rules.judge_grade(row.item, reply) if reply is not None else (None, False)
+        record["judge_extracted"], record["judge_correct"] = extracted, bool(correct)
+    return judge.stats.as_dict()
+
+
+def route_shares(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """% of samples whose answer each extraction route found (``none``: no answer found)."""
+    routes = [str(s.get("route")) for s in samples]
+    return {r: 100.0 * routes.count(r) / len(routes) for r in sorted(set(routes))} if routes else {}
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -331,7 +385,8 @@ def write_outputs(out: Path, records: Sequence[dict[str, Any]], table: Sequence[
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
     rows = [sample_row(r) for r in records]
-    columns = {name: [row.get(name) for row in rows] for name in SAMPLE_COLUMNS}
+    present = [name for name in SAMPLE_COLUMNS if any(name in row for row in rows)]
+    columns = {name: [row.get(name) for row in rows] for name in present}
     pq.write_table(pa.table(columns), out / "samples.parquet")
     if summary is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -369,7 +424,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"sampling temperature [0 (greedy) for one sample, {SAMPLING_TEMPERATURE} for K > 1]")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling [1.0]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="calibrl: the training prompt and reward (the paper's numbers) [default]; community: "
+                             "the public harness's prompt and rule-based scoring per benchmark, lenient extraction")
+    judge = parser.add_argument_group("judge (community protocol: MathVista answer extraction, MathVerse 1/0 grading)")
+    judge.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    judge.add_argument("--judge-model", default=None, help="judge model name (the harness uses gpt-4o-2024-11-20)")
+    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the key (never written) [OPENAI_API_KEY]")
+    judge.add_argument("--judge-cache", type=Path, default=None, help="reply cache [<out>/judge_cache.jsonl]")
+    judge.add_argument("--judge-max-retries", type=int, default=5, help="repeats of a failed request [5]")
+    judge.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request [60]")
+    judge.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight [8]")
     args = parser.parse_args(argv)
+    if bool(args.judge_base_url) != bool(args.judge_model):
+        parser.error("--judge-base-url and --judge-model go together")
+    if args.judge_base_url and args.protocol != "community":
+        parser.error("the judge belongs to --protocol community (the calibrl protocol grades with the training reward)")
     if args.out is None:
         args.out = Path("eval_results") / Path(args.model.rstrip("/")).name
     for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size", "n_samples"):
@@ -388,25 +459,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, backend_factory: Callable[[int], Backend] | None = None) -> list[dict[str, Any]]:
     """Load every file (fail fast, before the model), evaluate, write; returns the summary table."""
     names = benchmark_names(args.data, args.name_by)
-    datasets = [load_rows(path, name, args.limit) for path, name in zip(args.data, names, strict=True)]
+    protocol = get_protocol(getattr(args, "protocol", DEFAULT_PROTOCOL))
+    datasets = [load_rows(path, name, args.limit, protocol) for path, name in zip(args.data, names, strict=True)]
+    rules = {name: _one_rule_set(protocol, rows, name) for name, rows in zip(names, datasets, strict=True)}
     max_images = max((len(r.images) for rows in datasets for r in rows), default=0)
     backend = backend_factory(max_images) if backend_factory else make_backend(args, max_images)
     if max_images and not has_image_processor(backend.processor):
         with_images = [n for n, rows in zip(names, datasets, strict=True) if any(r.images for r in rows)]
         raise EvalError(f"--model {args.model} is text-only (no image processor) but {with_images} have images")
     chunk = getattr(args, "chunk_size", None)
-    records = [record for rows in datasets for record in evaluate_rows(rows, backend, chunk)]
+    records = [record for rows in datasets for record in evaluate_rows(rows, backend, chunk, protocol)]
+    judge = make_judge(args)
+    counts = judge_records(records, datasets, protocol, judge) if judge is not None else {}
     table = summarize(records, names)
-    summary = summaries(records, names, sampling_of(args))
+    summary = summaries(records, names, sampling_of(args), protocol, rules)
+    for name in names:
+        if "judge" in summary[name]:
+            summary[name]["judge"].update(model=args.judge_model, **counts)
     write_outputs(args.out, records, table, title=f"{args.model}", summary=summary)
     return table
+
+
+def make_judge(args: argparse.Namespace) -> Any:
+    """The judge ``--judge-base-url`` / ``--judge-model`` describe, or None without them."""
+    if not getattr(args, "judge_base_url", None):
+        return None
+    from calibrl_verl.protocols.judge import Judge, JudgeSettings
+
+    cache = args.judge_cache or args.out / "judge_cache.jsonl"
+    return Judge(JudgeSettings(args.judge_base_url, args.judge_model, Path(cache), args.judge_api_key_env,
+                               args.judge_max_retries, args.judge_timeout, args.judge_concurrency))
+
+
+def _one_rule_set(protocol: Protocol, rows: Sequence[Row], name: str) -> str:
+    """The protocol's rule set for a benchmark file; a file mixing data sources graded differently is refused."""
+    found = sorted({protocol.rules(r.data_source) for r in rows})
+    if len(found) > 1:
+        raise EvalError(f"{name}: rows need different {protocol.name} rule sets {found} (mixed data_source "
+                        "values); evaluate each benchmark from its own file")
+    return found[0] if found else ""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         table = run(args)
-    except (EvalError, GenerationError) as err:
+    except (EvalError, GenerationError, ProtocolError, JudgeError, FatalEndpointError) as err:
         raise SystemExit(f"evaluate: error: {err}") from None
     print(markdown_table(table, args.model), end="")
     print(f"[evaluate] wrote {args.out}/results.md, results.csv, generations.jsonl, samples.parquet, summary.json",

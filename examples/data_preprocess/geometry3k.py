@@ -22,6 +22,7 @@ PRESET = prep.Preset(
     question="problem,question",
     answer="answer",
     image="images,image",
+    meta="choices,ground_truth",  # the community protocol grades lmms-eval's lettered form (docs/evaluation.md)
 )
 
 
