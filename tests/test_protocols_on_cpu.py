@@ -5,11 +5,9 @@ from the functions under test."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import random
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,17 @@ from calibrl_verl.protocols import judge as judge_mod
 from calibrl_verl.protocols.base import Item
 from calibrl_verl.protocols.extract import lenient_answer
 
-# importlib import mode (pyproject.toml): a helper module beside the tests is loaded by path
-_spec = importlib.util.spec_from_file_location("lmms_reference", Path(__file__).with_name("lmms_reference.py"))
-lmms_reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lmms_reference)
+
+def _helper(name: str) -> Any:
+    """A helper module beside the tests, loaded by path (pytest runs in importlib mode: pyproject.toml)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lmms_reference = _helper("lmms_reference")
+chat_server = _helper("chat_server")
 
 KEY_ENV = "CALIBRL_TEST_JUDGE_KEY"
 KEY = "sk-judge-secret-123"
@@ -60,52 +65,24 @@ def test_lenient_extraction_routes(response: str, want: tuple[str | None, str]) 
 # ------------------------------------------------------------------------------------------------- the judge
 
 
-class ScriptedJudge:
-    """A local OpenAI-compatible server: replies ``EXTRACTED <n>`` for prompt n; ``script`` holds failures first."""
+class ScriptedJudge(chat_server.ChatServer):
+    """A local OpenAI-compatible judge: ``answer(prompt)`` is its reply (default ``EXTRACTED <text after the last
+    #>``); ``failures`` maps that tag to HTTP statuses returned first, one per request."""
 
     def __init__(self, failures: dict[str, list[int]] | None = None, answer: Any = None) -> None:
         self.failures = failures or {}
         self.answer = answer or (lambda prompt: f"EXTRACTED {prompt.split('#')[-1]}")
-        self.log: list[dict[str, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         prompt = body["messages"][0]["content"]
         self.log.append({"prompt": prompt, "auth": request.headers.get("Authorization"), "body": body})
-        tag = prompt.split("#")[-1]
-        pending = self.failures.get(tag, [])
+        pending = self.failures.get(prompt.split("#")[-1], [])
         if pending:
             status = pending.pop(0)
             return web.json_response({"error": {"message": f"scripted {status}"}}, status=status)
-        return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
-                                  "choices": [{"index": 0, "finish_reason": "stop",
-                                               "message": {"role": "assistant", "content": self.answer(prompt)}}]})
+        return chat_server.completion(self.answer(prompt), "judge")
 
 
 @pytest.fixture
