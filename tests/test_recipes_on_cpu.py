@@ -42,7 +42,13 @@ QWEN3VL = {
     "rlplus_qwen3vl_8b": ("qwen3vl_8b", "rlplus", 11, "Qwen/Qwen3-VL-8B-Instruct", 2),
     "calibrl_qwen3vl_4b": ("qwen3vl_4b", "calibrl", 11, "Qwen/Qwen3-VL-4B-Instruct", 1),
 }
-ALL_RECIPES = {**EXPECTED, **QWEN3VL}
+# the baselines on Qwen2.5-VL-3B, beside its CalibRL recipe (no legacy fixture either)
+QWEN25VL_3B = {
+    "grpo_qwen2_5vl_3b": ("qwen2_5vl_3b", "grpo", 10, "Qwen/Qwen2.5-VL-3B-Instruct", 1),
+    "luffy_qwen2_5vl_3b": ("qwen2_5vl_3b", "luffy", 11, "Qwen/Qwen2.5-VL-3B-Instruct", 1),
+    "rlplus_qwen2_5vl_3b": ("qwen2_5vl_3b", "rlplus", 11, "Qwen/Qwen2.5-VL-3B-Instruct", 1),
+}
+ALL_RECIPES = {**EXPECTED, **QWEN3VL, **QWEN25VL_3B}
 # text-only recipes (recipes/text.yaml + models/qwen2_5_math_7b.yaml): recipe -> (method file, rollout.n); no legacy
 # bash recipe to match, so they are checked against the Qwen2.5-VL-7B recipe of the same method instead
 TEXT_RECIPES = {

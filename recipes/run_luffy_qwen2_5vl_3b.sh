@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# LUFFY baseline (docs/algorithm.md §3) on Qwen2.5-VL-3B-Instruct: the expert row is trained on off-policy
+# (per expert token -A_e p/(p + 0.1), no clipping); same data and budget as the CalibRL 3B recipe.
+#
+#   bash recipes/run_luffy_qwen2_5vl_3b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
+#
+# The settings are one Hydra config: recipes/luffy_qwen2_5vl_3b.yaml. recipes/launch.sh turns the
+# environment variables into overrides placed before yours.
+
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+# python -m calibrl_verl.main_calibrl --config-name luffy_qwen2_5vl_3b <environment overrides> "$@"
+calibrl_launch luffy_qwen2_5vl_3b "$@"
