@@ -85,6 +85,9 @@ from calibrl_verl.protocols.judge import JudgeError
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 DEFAULT_PROTOCOL = "calibrl"  # the training prompt and reward (what the paper reports)
 SAMPLING_TEMPERATURE = 1.0  # --n-samples > 1 without --temperature: the training temperature
+# Without --n-samples, these text benchmarks are sampled K times (avg@K), as the text RL literature reports them
+# (AIME and AMC have 30-40 problems: one greedy answer per problem moves the score by ~3 points); the others greedy.
+TEXT_AVG_K = {"aime24": 32, "aime25": 32, "amc23": 32}
 
 
 class EvalError(Exception):
@@ -192,17 +195,28 @@ def render_row(processor: Any, row: Row) -> Request:
     return render(processor, row.messages, row.images, where=f"{row.benchmark}: row {row.index}")
 
 
-def make_backend(args: argparse.Namespace, max_images: int) -> Backend:
-    """The backend selected by ``--backend`` (``auto`` resolved)."""
+def make_backend(args: argparse.Namespace, max_images: int, sampling: Sampling | None = None) -> Backend:
+    """The backend selected by ``--backend`` (``auto`` resolved), built for ``sampling`` (default: the flags')."""
     name = choose_backend(args.backend)
     print(f"[evaluate] backend: {name}", file=sys.stderr)
-    return generation.make_backend(name, args.model, args.max_new_tokens, sampling_of(args),
+    return generation.make_backend(name, args.model, args.max_new_tokens, sampling or sampling_of(args),
                                    batch_size=args.batch_size, tp=args.tp, max_images=max_images,
                                    max_model_len=args.max_model_len)  # fmt: skip
 
 
-def sampling_of(args: argparse.Namespace) -> Sampling:
-    return Sampling(args.n_samples, args.temperature, args.top_p, args.seed)
+def sampling_of(args: argparse.Namespace, data_source: str | None = None) -> Sampling:
+    """A benchmark's sampling: ``--n-samples`` (default: ``TEXT_AVG_K`` for the benchmark's data source, else one
+    greedy answer; ``--temperature 0`` keeps every benchmark greedy) at ``--temperature`` (default: 1.0 for K > 1,
+    else 0), ``--top-p`` and ``--seed``."""
+    n = args.n_samples or (1 if args.temperature == 0 else TEXT_AVG_K.get(str(data_source), 1))
+    temperature = args.temperature if args.temperature is not None else SAMPLING_TEMPERATURE if n > 1 else 0.0
+    return Sampling(n, temperature, args.top_p, args.seed)
+
+
+def use_sampling(backend: Backend, sampling: Sampling) -> None:
+    """Switch the backend to a benchmark's sampling (a backend without ``set_sampling`` keeps its own)."""
+    if getattr(backend, "sampling", sampling) != sampling:
+        backend.set_sampling(sampling)
 
 
 # ----------------------------------------------------------------------------------------------------- scoring
@@ -295,15 +309,15 @@ def sample_row(record: dict[str, Any]) -> dict[str, Any]:
     return {**{k: record[k] for k in SAMPLE_COLUMNS if k in record}, "correct": record["acc"] > 0}
 
 
-def summaries(records: Sequence[dict[str, Any]], benchmarks: Sequence[str], sampling: Sampling,
+def summaries(records: Sequence[dict[str, Any]], benchmarks: Sequence[str], sampling: Sampling | dict[str, Sampling],
               protocol: Protocol | None = None, rules: dict[str, str] | None = None) -> dict[str, Any]:
     """``summary.json``: per benchmark, its figures, how they were measured (protocol, its rule set, sampling) and
     how answers were found (``extraction``: % of samples per route, e.g. ``boxed``; see protocols.extract)."""
     protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
-    how = {"protocol": protocol.name, "temperature": sampling.temperature, "top_p": sampling.top_p,
-           "seed": sampling.seed}
     out = {}
     for name in benchmarks:
+        used = sampling[name] if isinstance(sampling, dict) else sampling
+        how = {"protocol": protocol.name, "temperature": used.temperature, "top_p": used.top_p, "seed": used.seed}
         samples = [sample_row(r) for r in records if r["benchmark"] == name]
         rule = (rules or {}).get(name, "")
         out[name] = {**how, "rules": rule, **benchmark_summary(samples), "extraction": route_shares(samples),
@@ -354,7 +368,15 @@ def route_shares(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def markdown_table(table: Sequence[dict[str, Any]], title: str) -> str:
-    k = table[0].get("k", 1) if table else 1
+    ks = {t.get("k", 1) for t in table if t["benchmark"] != "average"}
+    if len(ks) > 1:  # greedy and sampled benchmarks together (text benchmarks' default avg@K): K per row
+        header = "| benchmark | n | K | accuracy or mean@K (%) | pass@K (%) | maj@K (%) | coverage (%) | format (%) |"
+        lines = [f"# {title}", "", header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {t['benchmark']} | {t['n']} | {t['k'] if t['benchmark'] != 'average' else '-'} | "
+                  f"{t['accuracy']:.2f} | {t['pass_at_k']:.2f} | {t['maj_at_k']:.2f} | {t['coverage']:.2f} | "
+                  f"{t['format_rate']:.2f} |" for t in table]
+        return "\n".join(lines) + "\n"
+    k = ks.pop() if ks else 1
     if k <= 1:
         lines = [f"# {title}", "", "| benchmark | n | accuracy (%) | format (%) |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {t['benchmark']} | {t['n']} | {t['accuracy']:.2f} | {t['format_rate']:.2f} |" for t in table]
@@ -418,8 +440,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size")
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len [model's]")
     parser.add_argument("--name-by", choices=["stem", "data_source"], default="stem", help="benchmark naming")
-    parser.add_argument("--n-samples", type=int, default=1,
-                        help="answers per problem: 1 = greedy (default); K > 1 samples K for mean@K, pass@k, maj@K")
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help="answers per problem: 1 = greedy; K > 1 samples K for mean@K, pass@k, maj@K [greedy, "
+                             f"except avg@K for {', '.join(f'{b} (K={k})' for b, k in TEXT_AVG_K.items())}]")
     parser.add_argument("--temperature", type=float, default=None,
                         help=f"sampling temperature [0 (greedy) for one sample, {SAMPLING_TEMPERATURE} for K > 1]")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling [1.0]")
@@ -446,11 +469,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size", "n_samples"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.temperature is None:
-        args.temperature = SAMPLING_TEMPERATURE if args.n_samples > 1 else 0.0
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature:g} / {args.top_p:g}")
-    if args.n_samples > 1 and args.temperature == 0:
+    if (args.temperature is not None and args.temperature < 0) or not 0 < args.top_p <= 1:
+        parser.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} / {args.top_p:g}")
+    if args.n_samples is not None and args.n_samples > 1 and args.temperature == 0:
         parser.error(f"--n-samples {args.n_samples} with --temperature 0 would repeat one greedy answer: "
                      "give a temperature > 0")
     return args
@@ -463,16 +484,23 @@ def run(args: argparse.Namespace, backend_factory: Callable[[int], Backend] | No
     datasets = [load_rows(path, name, args.limit, protocol) for path, name in zip(args.data, names, strict=True)]
     rules = {name: _one_rule_set(protocol, rows, name) for name, rows in zip(names, datasets, strict=True)}
     max_images = max((len(r.images) for rows in datasets for r in rows), default=0)
-    backend = backend_factory(max_images) if backend_factory else make_backend(args, max_images)
+    samplings = {name: sampling_of(args, rows[0].data_source if rows else None)
+                 for name, rows in zip(names, datasets, strict=True)}
+    # built for a sampled benchmark when there is one: vLLM turns prefix caching on for n > 1 at start-up
+    first = next((s for s in samplings.values() if not s.greedy), sampling_of(args))
+    backend = backend_factory(max_images) if backend_factory else make_backend(args, max_images, first)
     if max_images and not has_image_processor(backend.processor):
         with_images = [n for n, rows in zip(names, datasets, strict=True) if any(r.images for r in rows)]
         raise EvalError(f"--model {args.model} is text-only (no image processor) but {with_images} have images")
     chunk = getattr(args, "chunk_size", None)
-    records = [record for rows in datasets for record in evaluate_rows(rows, backend, chunk, protocol)]
+    records = []
+    for name, rows in zip(names, datasets, strict=True):
+        use_sampling(backend, samplings[name])
+        records += evaluate_rows(rows, backend, chunk, protocol)
     judge = make_judge(args)
     counts = judge_records(records, datasets, protocol, judge) if judge is not None else {}
     table = summarize(records, names)
-    summary = summaries(records, names, sampling_of(args), protocol, rules)
+    summary = summaries(records, names, samplings, protocol, rules)
     for name in names:
         if "judge" in summary[name]:
             summary[name]["judge"].update(model=args.judge_model, **counts)

@@ -80,6 +80,8 @@ class Backend(Protocol):
 
     def generate(self, requests: list[Request]) -> list[list[str]]: ...
 
+    def set_sampling(self, sampling: Sampling) -> None: ...
+
 
 # ------------------------------------------------------------------------------------------------ model input
 
@@ -244,9 +246,13 @@ class HFBackend:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.chunk_size = batch_size  # one batch per progress update
+        self.set_sampling(sampling)
+        self.generator_seeded = False
+
+    def set_sampling(self, sampling: Sampling) -> None:
+        """Sample the next requests this way (evaluation switches it per benchmark; the seed is drawn from once)."""
         self.sampling = sampling
         self.options = hf_sampling_options(sampling)
-        self.generator_seeded = False
 
     def generate(self, requests: list[Request]) -> list[list[str]]:
         import torch
@@ -319,7 +325,7 @@ class VLLMBackend:
 
     def __init__(self, model: str, max_new_tokens: int, tp: int, max_images: int, max_model_len: int | None,
                  sampling: Sampling = Sampling()) -> None:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         self.processor = load_processor(model)
         on_cpu = vllm_on_cpu()
@@ -329,8 +335,17 @@ class VLLMBackend:
             # variable (GiB) into cache_config.kv_cache_memory_bytes instead. Set before the engine is built.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.llm = LLM(**vllm_engine_kwargs(model, tp, max_images, max_model_len, sampling, on_cpu))
-        self.params = SamplingParams(**vllm_sampling_kwargs(sampling, max_new_tokens))
+        self.max_new_tokens = max_new_tokens
+        self.set_sampling(sampling)
         self.chunk_size = VLLM_CHUNK_ROWS  # vLLM batches a chunk itself; larger chunks, fewer progress updates
+
+    def set_sampling(self, sampling: Sampling) -> None:
+        """Sample the next requests this way (evaluation switches it per benchmark; prefix caching stays as the
+        engine was built)."""
+        from vllm import SamplingParams
+
+        self.sampling = sampling
+        self.params = SamplingParams(**vllm_sampling_kwargs(sampling, self.max_new_tokens))
 
     def generate(self, requests: list[Request]) -> list[list[str]]:
         outputs = self.generate_raw([vllm_input(r) for r in requests])

@@ -390,7 +390,8 @@ def test_sampled_evaluation_writes_samples_and_a_summary_every_figure_recomputes
     truths = pd.read_parquet(tiny["val"])["reward_model"].map(lambda rm: rm["ground_truth"]).tolist()
     args = evaluate.parse_args(["--model", str(tiny["model"]), "--data", str(tiny["val"]), "--out", str(tmp_path),
                                 "--n-samples", "4", "--seed", "3"])  # fmt: skip
-    assert (args.temperature, args.top_p) == (1.0, 1.0)  # sampling at the training temperature unless told
+    sampling = evaluate.sampling_of(args, "geoqa")
+    assert (sampling.temperature, sampling.top_p) == (1.0, 1.0)  # sampling at the training temperature unless told
     backend = SamplingBackend(generation.load_processor(str(tiny["model"])), [str(t) for t in truths], 4)
     table = evaluate.run(args, backend_factory=lambda max_images: backend)
     samples = pd.read_parquet(tmp_path / "samples.parquet")
@@ -435,7 +436,51 @@ def test_sampling_flags_are_checked() -> None:
         evaluate.parse_args([*base, "--n-samples", "4", "--temperature", "0"])
     with pytest.raises(SystemExit):
         evaluate.parse_args([*base, "--top-p", "0"])
-    assert evaluate.parse_args(base).temperature == 0.0  # one greedy answer by default
+    greedy = generation.Sampling(n=1, temperature=0.0, top_p=1.0, seed=0)
+    assert evaluate.sampling_of(evaluate.parse_args(base), "geoqa") == greedy  # one greedy answer by default
+
+
+def test_text_benchmarks_default_to_avg_at_32_and_the_table_names_k_per_row(tiny: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """AIME / AMC are sampled 32 times by default (avg@32, as the text RL papers report them); the others stay greedy;
+    --n-samples or --temperature 0 decide for every benchmark."""
+    base = ["--model", "m", "--data", "d.parquet"]
+    args = evaluate.parse_args(base)
+    assert evaluate.sampling_of(args, "aime24") == generation.Sampling(n=32, temperature=1.0, top_p=1.0, seed=0)
+    assert evaluate.sampling_of(args, "amc23").n == 32 and evaluate.sampling_of(args, "math500").n == 1
+    assert evaluate.sampling_of(evaluate.parse_args([*base, "--temperature", "0"]), "aime25").n == 1
+    assert evaluate.sampling_of(evaluate.parse_args([*base, "--n-samples", "4"]), "aime25").n == 4
+    assert evaluate.sampling_of(evaluate.parse_args([*base, "--n-samples", "4"]), "geoqa").temperature == 1.0
+
+    # one run, a greedy VL benchmark and a text benchmark named aime24: the backend switches per benchmark
+    import pandas as pd
+
+    aime = tmp_path / "aime24.parquet"
+    frame = pd.read_parquet(tiny["math500"])
+    frame.assign(data_source="aime24").to_parquet(aime)
+    seen: list[int] = []
+
+    class Recording:
+        def __init__(self, processor: Any) -> None:
+            self.processor, self.sampling = processor, generation.Sampling()
+
+        def set_sampling(self, sampling: generation.Sampling) -> None:
+            self.sampling = sampling
+
+        def generate(self, requests: list[Request]) -> list[list[str]]:
+            seen.append(self.sampling.n)
+            return [["<think>t</think><answer>0</answer>"] * self.sampling.n for _ in requests]
+
+    out = tmp_path / "out"
+    args = evaluate.parse_args(["--model", str(tiny["text_model"]), "--data", str(tiny["math500"]), str(aime),
+                                "--out", str(out), "--name-by", "data_source"])
+    evaluate.run(args, backend_factory=lambda max_images: Recording(generation.load_processor(str(tiny["text_model"]))))
+    assert set(seen) == {1, 32}
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["math500"]["n_samples"], summary["math500"]["temperature"]) == (1, 0.0)
+    assert (summary["aime24"]["n_samples"], summary["aime24"]["temperature"]) == (32, 1.0)
+    table = (out / "results.md").read_text()
+    assert "| benchmark | n | K |" in table and "| aime24 | 4 | 32 |" in table and "| math500 | 4 | 1 |" in table
 
 
 def test_backend_flags_reach_the_generation_layer(monkeypatch: pytest.MonkeyPatch,
