@@ -1,14 +1,23 @@
-"""The default run leaves out the ``families`` smoke runs (CI time); ``-m families`` (or any -m naming it) runs them."""
+"""Opt-in runs, left out of the default run to keep CI under 30 minutes and selected with ``-m <marker>`` (or any -m
+naming it): ``families`` (the smoke runs of the other model families) and ``serve`` (vLLM's OpenAI server on the tiny
+model)."""
 
 from __future__ import annotations
 
 import pytest
 
+OPT_IN = {
+    "families": "model-family smoke run: select with -m families (bash scripts/test.sh -m families)",
+    "serve": "starts vLLM's OpenAI server: select with -m serve (bash scripts/test.sh -m serve)",
+}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "families" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="model-family smoke run: select with -m families (bash scripts/test.sh -m families)")
-    for item in items:
-        if "families" in item.keywords:
-            item.add_marker(skip)
+    chosen = config.getoption("-m") or ""
+    for marker, reason in OPT_IN.items():
+        if marker in chosen:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -207,6 +207,8 @@ COMMANDS: dict[str, Entry] = {
     'bash scripts/test.sh -m "not smoke"': not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"smoke:'))),
     "bash scripts/test.sh -k guide": not_run(SUITE, check=TEST_SH),
     "bash scripts/test.sh -m families": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"families:'))),
+    "bash scripts/test.sh -m serve": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"serve:'),
+                                                                 contains("tests/conftest.py", '"serve":'))),
     # -- README / data.md: preparing data ----------------------------------------------------------------------
     f"python {PREP}/virl39k.py --input data/raw/virl39k.parquet --image-dir data/raw --experts data/raw/cots.jsonl "
     "--expert-id-field id --expert-text-field cot --categories geometr --output data/virl39k/train.parquet": run(
@@ -398,6 +400,11 @@ COMMANDS: dict[str, Entry] = {
     "vllm serve Qwen/Qwen2.5-VL-72B-Instruct --tensor-parallel-size 8 --max-model-len 32768 --port 8000": not_run(
         "serves a 72B model on 8 GPUs"),
     "export TEACHER_KEY=EMPTY": not_run("sets the key variable of a running vllm serve"),
+    "python -m calibrl_verl.cpu.vllm_cli serve Qwen/Qwen2.5-VL-3B-Instruct --port 8000 --dtype float32": covered(
+        "tests/test_vllm_serve_on_cpu.py::test_served_tiny_teacher_answers_the_expert_generator",
+        ('"-m", "calibrl_verl.cpu.vllm_cli", "serve"', '"--dtype", "float32"'),
+        "downloads a 3B model; the opt-in test (-m serve) serves the tiny model through the module and generates "
+        "expert traces against it (its flags are vLLM's own)"),
     "python -m calibrl_verl.experts generate --data data/virl39k/problems.parquet --out data/virl39k/train.parquet "
     "--base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-VL-72B-Instruct --api-key-env TEACHER_KEY "
     "--concurrency 64": covered(
