@@ -150,8 +150,10 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
-def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics") -> Launch:
-    """Start ``python -m calibrl_verl.main_calibrl`` with ``overrides``, logging into ``run_dir``.
+def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics",
+          recipe: Path | None = None) -> Launch:
+    """Start ``python -m calibrl_verl.main_calibrl`` with ``overrides``, logging into ``run_dir``; ``recipe``: a
+    recipe YAML (``recipes/<name>.yaml``) to compose on, as its run script does (default: the base config).
 
     Writes ``run_dir/<name>.jsonl`` (verl's file logger, made resume-safe by ``integration.tracking``: a fresh run
     starts the file, a resumed one keeps the steps up to its checkpoint and appends) and ``run_dir/<name>.log``.
@@ -160,13 +162,16 @@ def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics
     metrics.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{run_dir.name}-{name}-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "PYTHONUNBUFFERED": "1", TAG_ENV: tag}
-    cmd = [sys.executable, "-m", "calibrl_verl.main_calibrl", *overrides]
+    cmd = [sys.executable, "-m", "calibrl_verl.main_calibrl"]
+    if recipe is not None:
+        cmd += ["--config-dir", str(recipe.parent.resolve()), "--config-name", recipe.stem]
     if device == "cpu":
         from calibrl_verl.cpu import cpu_env, cpu_overrides
 
         env.update(cpu_env())
         # the CPU backend's placement keys go first, so ``overrides`` can still change any of them
-        cmd[3:3] = cpu_overrides()
+        cmd += cpu_overrides()
+    cmd += overrides
     log_path = run_dir / f"{name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed by Launch.wait
     proc = subprocess.Popen(cmd, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)
