@@ -51,7 +51,6 @@ def check(config) -> tuple[list[str], list[str]]:
     """(errors, missing files) of a composed SFT config."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
-
     from verl.utils.config import omega_conf_to_dataclass
 
     errors: list[str] = []
