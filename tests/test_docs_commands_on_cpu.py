@@ -314,6 +314,20 @@ COMMANDS: dict[str, Entry] = {
         config=(("trainer.resume_mode", "disable"),)),
     "bash recipes/run_calibrl_qwen2_5vl_7b.sh trainer.resume_mode=resume_path "
     "trainer.resume_from_path=.../global_step_N": dry(config=(("trainer.resume_mode", "resume_path"),)),
+    # -- README / recipes.md: SFT then RL ---------------------------------------------------------------------
+    # (the converter first: its replayed call writes the file the SFT dry run then reads)
+    "python -m calibrl_verl.data.sft --input data/virl39k/train.parquet --output data/virl39k/sft.parquet": run(
+        expect=("rows_written=", "dropped_no_expert=0"), outputs=("data/virl39k/sft.parquet",)),
+    "bash recipes/run_sft_qwen2_5vl_7b.sh": dry(
+        config=(("data.train_files", ["{W}/data/virl39k/sft.parquet"]), ("data.messages_key", "messages"),
+                ("trainer.experiment_name", "sft_qwen2_5vl_7b"),
+                ("trainer.default_local_dir", "{W}/checkpoints/calibrl/sft_qwen2_5vl_7b"))),
+    "python -m verl.model_merger merge --backend fsdp --local_dir checkpoints/calibrl/sft_qwen2_5vl_7b/global_step_N "
+    "--target_dir merged/sft": not_run("needs the SFT run's FSDP checkpoint (8 GPUs)", help=True),
+    "MODEL_PATH=merged/sft EXP=sft_grpo_qwen2_5vl_7b bash recipes/run_grpo_qwen2_5vl_7b.sh": dry(
+        config=(("actor_rollout_ref.model.path", "merged/sft"), ("calibrl.loss_mode", "grpo"),
+                ("trainer.experiment_name", "sft_grpo_qwen2_5vl_7b"),
+                ("trainer.default_local_dir", "{W}/checkpoints/calibrl/sft_grpo_qwen2_5vl_7b"))),
     # -- README: multi-node --------------------------------------------------------------------------------------
     "ray start --head --port=6379 --num-gpus=8": not_run("starts a Ray head node of a GPU cluster"),
     "ray start --address=<node-0 IP>:6379 --num-gpus=8": not_run("joins a Ray cluster of GPU nodes"),
@@ -467,6 +481,7 @@ COMMANDS: dict[str, Entry] = {
     "vllm serve": mention("vLLM's OpenAI server, named; the command is in docs/data.md"),
     "python -m calibrl_verl.main_calibrl": mention(),
     "python -m calibrl_verl.data.validate": mention(),
+    "python -m calibrl_verl.data.sft": mention(),
     "python -m calibrl_verl.smoke run": mention(),
     "python -m calibrl_verl.experts generate": mention(),
     "python -m calibrl_verl.evaluate": mention(),
