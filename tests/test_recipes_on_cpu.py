@@ -69,7 +69,12 @@ DATA = "/fixture"  # where the legacy fixture's data files were (any path: only 
 
 
 # deliberate changes since the bash recipes the fixture records (each also in the recipes' YAML, with its reason)
-SINCE_LEGACY = ["trainer.max_actor_ckpt_to_keep=3"]  # a retention default (paper.yaml)
+SINCE_LEGACY = [
+    "trainer.max_actor_ckpt_to_keep=3",  # a retention default (paper.yaml)
+    # the image-size cap (models/qwen2_5vl_*.yaml); verl's mm_processor_kwargs is {}, hence the "+"
+    "+data.mm_processor_kwargs.min_pixels=3136",
+    "+data.mm_processor_kwargs.max_pixels=1003520",
+]
 
 
 def legacy_overrides(recipe: str, root: Path = REPO, data: str = DATA) -> list[str]:
@@ -198,14 +203,15 @@ def test_an_explicit_rollout_n_against_the_mode_is_refused() -> None:
 @pytest.mark.parametrize(("recipe", "base"), [("calibrl_qwen3vl_8b", "calibrl_qwen2_5vl_7b"),
                                               ("calibrl_qwen3vl_4b", "calibrl_qwen2_5vl_3b")])
 def test_qwen3vl_recipe_is_the_qwen2_5vl_one_but_for_the_model(recipe: str, base: str) -> None:
-    """Only the model's keys differ: the path, the static micro batches, and the dataset's image patch size
-    (verl's data config defaults to Qwen2.5-VL's 14; Qwen3-VL's patches are 16 px)."""
+    """Only the model's keys differ: the path, the static micro batches, the dataset's image patch size
+    (verl's data config defaults to Qwen2.5-VL's 14; Qwen3-VL's patches are 16 px) and the processor's own lower
+    pixel bound written out beside the shared pixel cap."""
     unresolved = OmegaConf.to_container  # keys that interpolate the model path or the name follow them
     diff = differences(unresolved(compose_recipe(base, [])), unresolved(compose_recipe(recipe, [])))
     assert [d.split(":")[0] for d in diff] == [
         ".actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", ".actor_rollout_ref.model.path",
         ".actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", ".data.image_patch_size",
-        ".trainer.experiment_name"]  # fmt: skip
+        ".data.mm_processor_kwargs.min_pixels", ".trainer.experiment_name"]  # fmt: skip
     assert f".actor_rollout_ref.model.path: {ALL_RECIPES[base][3]!r} != {ALL_RECIPES[recipe][3]!r}" in diff
     assert ".data.image_patch_size: 14 != 16" in diff
 
