@@ -11,7 +11,8 @@ K times with ``--n-samples K`` at ``--temperature`` (default 1.0, the training t
 input is built as verl builds it for a rollout: each ``<image>`` placeholder becomes an image content entry
 (``RLHFDataset._build_messages``), images go through ``qwen_vl_utils.process_vision_info`` with the
 processor's patch size (within ``--max-pixels`` / ``--min-pixels`` when given: use the training recipe's
-``data.mm_processor_kwargs`` bounds for a benchmark prepared without ``--max-pixels``; docs/data.md "Image size"), and the prompt is the processor's chat template with the generation prompt (a text-only
+``data.mm_processor_kwargs`` bounds for a benchmark prepared without ``--max-pixels``; docs/data.md "Image size"),
+and the prompt is the processor's chat template with the generation prompt (a text-only
 model, e.g. a Qwen2ForCausalLM directory without an image processor, uses its tokenizer's chat template, as
 verl's ``hf_processor`` / ``hf_tokenizer`` split does; its benchmarks must have no images). Answers
 are scored with ``calibrl_verl.reward.compute_score`` (the training reward: acc, format). Written to ``--out``:
