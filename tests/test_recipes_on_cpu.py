@@ -363,7 +363,8 @@ def test_text_recipe_defaults_list_adds_text_between_paper_and_model(recipe: str
 
 @pytest.mark.parametrize("recipe", sorted(TEXT_RECIPES))
 def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> None:
-    """Everything but data, lengths, model and the overlong-expert rule is the paper's: same budget as the VL run."""
+    """Everything but data, lengths, model, the image-size cap and the overlong-expert rule is the paper's: same
+    budget as the VL run."""
     method = TEXT_RECIPES[recipe][0]
     vl, text = compose_recipe(f"{method}_qwen2_5vl_7b", []), compose_recipe(recipe, [])
     unresolved = OmegaConf.to_container  # keys interpolated from these (rollout.prompt_length, ...) follow them
@@ -373,6 +374,8 @@ def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> N
         ".calibrl.expert_overlong: 'truncate' != 'drop'",
         ".data.max_prompt_length: 20480 != 1024",
         ".data.max_response_length: 4096 != 3072",
+        ".data.mm_processor_kwargs.max_pixels: 1003520 != '<absent>'",  # no images: no pixel cap
+        ".data.mm_processor_kwargs.min_pixels: 3136 != '<absent>'",
         ".data.train_files: ['data/virl39k/train.parquet'] != ['data/openr1_math/train.parquet']",
         ".data.val_files: ['data/geometry3k/test.parquet', 'data/geoqa/test.parquet'] != ['data/math500/test.parquet']",
         ".trainer.experiment_name: '${calibrl.loss_mode}_qwen2_5vl_7b' != '${calibrl.loss_mode}_qwen2_5_math_7b'",
