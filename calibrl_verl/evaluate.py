@@ -2,7 +2,7 @@
 
     python -m calibrl_verl.evaluate --model PATH --data a.parquet [b.parquet ...] [--out DIR]
         [--backend auto|vllm|hf] [--max-new-tokens N] [--limit N] [--batch-size N] [--tp N]
-        [--n-samples K --temperature T --top-p P --seed S]
+        [--n-samples K --temperature T --top-p P --seed S] [--max-pixels N [--min-pixels N]]
 
 Every row of each parquet (verl's RL layout: ``data_source``, ``prompt`` chat messages with ``<image>``
 placeholders, ``images`` as ``[{"bytes": png}]``, ``reward_model.ground_truth``) is answered greedily (default), or
@@ -10,7 +10,9 @@ K times with ``--n-samples K`` at ``--temperature`` (default 1.0, the training t
 ``--seed`` (vLLM: a per-request seed; hf: torch's generator, seeded once). The model
 input is built as verl builds it for a rollout: each ``<image>`` placeholder becomes an image content entry
 (``RLHFDataset._build_messages``), images go through ``qwen_vl_utils.process_vision_info`` with the
-processor's patch size, and the prompt is the processor's chat template with the generation prompt (a text-only
+processor's patch size (within ``--max-pixels`` / ``--min-pixels`` when given: use the training recipe's
+``data.mm_processor_kwargs`` bounds for a benchmark prepared without ``--max-pixels``; docs/data.md "Image size"),
+and the prompt is the processor's chat template with the generation prompt (a text-only
 model, e.g. a Qwen2ForCausalLM directory without an image processor, uses its tokenizer's chat template, as
 verl's ``hf_processor`` / ``hf_tokenizer`` split does; its benchmarks must have no images). Answers
 are scored with ``calibrl_verl.reward.compute_score`` (the training reward: acc, format). Written to ``--out``:
@@ -133,8 +135,10 @@ def _ground_truth(record: dict[str, Any], path: Path, position: int) -> Any:
     return reward_model["ground_truth"]
 
 
-def load_rows(path: Path, benchmark: str, limit: int | None = None, protocol: Protocol | None = None) -> list[Row]:
-    """Parse one benchmark parquet into rows whose messages are the protocol's prompt (default: calibrl's)."""
+def load_rows(path: Path, benchmark: str, limit: int | None = None, protocol: Protocol | None = None,
+              image_options: dict[str, Any] | None = None) -> list[Row]:
+    """Parse one benchmark parquet into rows whose messages are the protocol's prompt (default: calibrl's); every
+    image entry carries ``image_options`` (``--max-pixels`` / ``--min-pixels``, see ``generation.pixel_options``)."""
     protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
     rows = []
     for position, record in enumerate(read_benchmark(path, limit)):
@@ -146,7 +150,7 @@ def load_rows(path: Path, benchmark: str, limit: int | None = None, protocol: Pr
                     ground_truth=_ground_truth(record, path, position), extra_info=extra_info,
                     meta=parse_meta(extra_info, where), n_images=len(images), where=where)
         rows.append(Row(benchmark=benchmark, index=position, data_source=item.data_source,
-                        messages=build_messages(protocol.prompt(item), images), images=images,
+                        messages=build_messages(protocol.prompt(item), images, image_options), images=images,
                         ground_truth=item.ground_truth, extra_info=extra_info, item=item))
     return rows
 
@@ -440,6 +444,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size")
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len [model's]")
     parser.add_argument("--name-by", choices=["stem", "data_source"], default="stem", help="benchmark naming")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="resize images above this many pixels down, as the training recipe's "
+                             "data.mm_processor_kwargs.max_pixels does [qwen-vl-utils' default, 16384 tokens]")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="resize images below this many pixels up [qwen-vl-utils' default, 4 tokens]")
     parser.add_argument("--n-samples", type=int, default=None,
                         help="answers per problem: 1 = greedy; K > 1 samples K for mean@K, pass@k, maj@K [greedy, "
                              f"except avg@K for {', '.join(f'{b} (K={k})' for b, k in TEXT_AVG_K.items())}]")
@@ -466,9 +475,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("the judge belongs to --protocol community (the calibrl protocol grades with the training reward)")
     if args.out is None:
         args.out = Path("eval_results") / Path(args.model.rstrip("/")).name
-    for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size", "n_samples"):
+    for key in ("max_new_tokens", "batch_size", "tp", "limit", "chunk_size", "n_samples", "max_pixels", "min_pixels"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.max_pixels is not None and args.min_pixels is not None and args.min_pixels > args.max_pixels:
+        parser.error(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
     if (args.temperature is not None and args.temperature < 0) or not 0 < args.top_p <= 1:
         parser.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} / {args.top_p:g}")
     if args.n_samples is not None and args.n_samples > 1 and args.temperature == 0:
@@ -481,7 +492,9 @@ def run(args: argparse.Namespace, backend_factory: Callable[[int], Backend] | No
     """Load every file (fail fast, before the model), evaluate, write; returns the summary table."""
     names = benchmark_names(args.data, args.name_by)
     protocol = get_protocol(getattr(args, "protocol", DEFAULT_PROTOCOL))
-    datasets = [load_rows(path, name, args.limit, protocol) for path, name in zip(args.data, names, strict=True)]
+    pixels = generation.pixel_options(getattr(args, "max_pixels", None), getattr(args, "min_pixels", None))
+    datasets = [load_rows(path, name, args.limit, protocol, pixels)
+                for path, name in zip(args.data, names, strict=True)]  # fmt: skip
     rules = {name: _one_rule_set(protocol, rows, name) for name, rows in zip(names, datasets, strict=True)}
     max_images = max((len(r.images) for rows in datasets for r in rows), default=0)
     samplings = {name: sampling_of(args, rows[0].data_source if rows else None)

@@ -10,7 +10,8 @@ Two users share it, neither reaching into the other:
 The model input is built as verl builds a rollout's: ``build_messages`` turns every ``<image>`` placeholder into an
 image content entry (verl's ``RLHFDataset._build_messages``), ``decode_image`` reads a stored image, ``render``
 applies the processor's chat template with the generation prompt and processes the images with
-``qwen_vl_utils.process_vision_info`` at the processor's patch size (a text-only model, e.g. a Qwen2ForCausalLM
+``qwen_vl_utils.process_vision_info`` at the processor's patch size, within the pixel bounds an image entry carries
+(``pixel_options``; evaluate's ``--max-pixels``) (a text-only model, e.g. a Qwen2ForCausalLM
 directory without an image processor, uses its tokenizer's chat template, as verl's ``hf_processor`` /
 ``hf_tokenizer`` split does), and ``vllm_input`` is vLLM's prompt dict of a rendered ``Request``.
 
@@ -101,8 +102,19 @@ def decode_image(item: Any) -> Any:
     return item.convert("RGB")
 
 
-def build_messages(prompt: Sequence[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
-    """verl's ``RLHFDataset._build_messages``: every ``<image>`` placeholder becomes an image content entry."""
+def pixel_options(max_pixels: int | None = None, min_pixels: int | None = None) -> dict[str, int]:
+    """Image content keys bounding an image's pixel count: ``qwen_vl_utils.fetch_image`` reads ``max_pixels`` /
+    ``min_pixels`` from the entry itself (vision_process.py:131-132, qwen-vl-utils 0.0.14) and ``smart_resize``s
+    the image into them at the processor's patch size; {} (its defaults) when neither is given."""
+    options = {"max_pixels": max_pixels, "min_pixels": min_pixels}
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def build_messages(
+    prompt: Sequence[dict[str, Any]], images: list[Any], image_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """verl's ``RLHFDataset._build_messages``: every ``<image>`` placeholder becomes an image content entry, with
+    ``image_options`` (``pixel_options``) added to it, as verl adds an image dict's own keys (rl_dataset.py:342)."""
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
     if not images:
         return messages
@@ -115,7 +127,7 @@ def build_messages(prompt: Sequence[dict[str, Any]], images: list[Any]) -> list[
             if segment == IMAGE_PLACEHOLDER:
                 if offset >= len(images):
                     raise GenerationError(f"more {IMAGE_PLACEHOLDER} placeholders than images ({len(images)})")
-                parts.append({"type": "image", "image": images[offset]})
+                parts.append({"type": "image", "image": images[offset], **(image_options or {})})
                 offset += 1
             else:
                 parts.append({"type": "text", "text": segment})

@@ -218,6 +218,11 @@ COMMANDS: dict[str, Entry] = {
         "the hub dataset -> a local folder in its layout (test-00000-of-00001.parquet, images as bytes)",
         subs=(("hiyouga/geometry3k", "data/hub/geometry3k"),), outputs=("data/geometry3k/test.parquet",),
         post=parquet_rows("data/geometry3k/test.parquet", n=3)),
+    f"python {PREP}/geometry3k.py --input hiyouga/geometry3k --split test --max-pixels 1003520 "
+    "--output data/geometry3k/test.parquet": run(
+        "the hub dataset -> a local folder in its layout (test-00000-of-00001.parquet, images as bytes)",
+        subs=(("hiyouga/geometry3k", "data/hub/geometry3k"),), expect=("images_resized",),
+        outputs=("data/geometry3k/test.parquet",), post=parquet_rows("data/geometry3k/test.parquet", n=3)),
     f"python {PREP}/geoqa.py --input data/raw/geoqa_test.json --image-dir data/raw --split test "
     "--output data/geoqa/test.parquet": run(outputs=("data/geoqa/test.parquet",),
                                             post=parquet_rows("data/geoqa/test.parquet", n=3)),

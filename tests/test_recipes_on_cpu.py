@@ -78,7 +78,12 @@ DATA = "/fixture"  # where the legacy fixture's data files were (any path: only 
 
 
 # deliberate changes since the bash recipes the fixture records (each also in the recipes' YAML, with its reason)
-SINCE_LEGACY = ["trainer.max_actor_ckpt_to_keep=3"]  # a retention default (paper.yaml)
+SINCE_LEGACY = [
+    "trainer.max_actor_ckpt_to_keep=3",  # a retention default (paper.yaml)
+    # the image-size cap (models/qwen2_5vl_*.yaml); verl's mm_processor_kwargs is {}, hence the "+"
+    "+data.mm_processor_kwargs.min_pixels=3136",
+    "+data.mm_processor_kwargs.max_pixels=1003520",
+]
 
 
 def legacy_overrides(recipe: str, root: Path = REPO, data: str = DATA) -> list[str]:
@@ -207,14 +212,15 @@ def test_an_explicit_rollout_n_against_the_mode_is_refused() -> None:
 @pytest.mark.parametrize(("recipe", "base"), [("calibrl_qwen3vl_8b", "calibrl_qwen2_5vl_7b"),
                                               ("calibrl_qwen3vl_4b", "calibrl_qwen2_5vl_3b")])
 def test_qwen3vl_recipe_is_the_qwen2_5vl_one_but_for_the_model(recipe: str, base: str) -> None:
-    """Only the model's keys differ: the path, the static micro batches, and the dataset's image patch size
-    (verl's data config defaults to Qwen2.5-VL's 14; Qwen3-VL's patches are 16 px)."""
+    """Only the model's keys differ: the path, the static micro batches, the dataset's image patch size
+    (verl's data config defaults to Qwen2.5-VL's 14; Qwen3-VL's patches are 16 px) and the processor's own lower
+    pixel bound written out beside the shared pixel cap."""
     unresolved = OmegaConf.to_container  # keys that interpolate the model path or the name follow them
     diff = differences(unresolved(compose_recipe(base, [])), unresolved(compose_recipe(recipe, [])))
     assert [d.split(":")[0] for d in diff] == [
         ".actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", ".actor_rollout_ref.model.path",
         ".actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", ".data.image_patch_size",
-        ".trainer.experiment_name"]  # fmt: skip
+        ".data.mm_processor_kwargs.min_pixels", ".trainer.experiment_name"]  # fmt: skip
     assert f".actor_rollout_ref.model.path: {ALL_RECIPES[base][3]!r} != {ALL_RECIPES[recipe][3]!r}" in diff
     assert ".data.image_patch_size: 14 != 16" in diff
 
@@ -366,7 +372,8 @@ def test_text_recipe_defaults_list_adds_text_between_paper_and_model(recipe: str
 
 @pytest.mark.parametrize("recipe", sorted(TEXT_RECIPES))
 def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> None:
-    """Everything but data, lengths, model and the overlong-expert rule is the paper's: same budget as the VL run."""
+    """Everything but data, lengths, model, the image-size cap and the overlong-expert rule is the paper's: same
+    budget as the VL run."""
     method = TEXT_RECIPES[recipe][0]
     vl, text = compose_recipe(f"{method}_qwen2_5vl_7b", []), compose_recipe(recipe, [])
     unresolved = OmegaConf.to_container  # keys interpolated from these (rollout.prompt_length, ...) follow them
@@ -376,6 +383,8 @@ def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> N
         ".calibrl.expert_overlong: 'truncate' != 'drop'",
         ".data.max_prompt_length: 20480 != 1024",
         ".data.max_response_length: 4096 != 3072",
+        ".data.mm_processor_kwargs.max_pixels: 1003520 != '<absent>'",  # no images: no pixel cap
+        ".data.mm_processor_kwargs.min_pixels: 3136 != '<absent>'",
         ".data.train_files: ['data/virl39k/train.parquet'] != ['data/openr1_math/train.parquet']",
         ".data.val_files: ['data/geometry3k/test.parquet', 'data/geoqa/test.parquet'] != ['data/math500/test.parquet']",
         ".trainer.experiment_name: '${calibrl.loss_mode}_qwen2_5vl_7b' != '${calibrl.loss_mode}_qwen2_5_math_7b'",

@@ -11,6 +11,10 @@ dataset name) into verl's RL parquet, one row per prompt (docs/algorithm.md §6)
     extra_info    {"split", "index", "id", "question", "answer", "meta"}
     solution      expert CoT in "<think>..</think><answer>..</answer>" form, "" when there is none
 
+``--max-pixels N`` (and ``--min-pixels``) resizes every image once, here, to the size Qwen2.5-VL's image processing
+would give it under that cap (``smart_resize``: aspect ratio kept, sides multiples of ``--image-factor``, 28), so the
+stored PNG is what the model sees and each image costs at most N / 28² visual tokens (docs/data.md, "Image size").
+
 Input files are read with json / pyarrow only (never pickle or eval). Image paths are resolved inside
 ``--image-dir`` and must not escape it. Text-only sources (``text_prep``: OpenR1-Math, MATH-500, AIME, ...) use the
 same code with no image column. While converting, stderr shows rows read and kept / dropped counts
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import re
 import sys
@@ -56,6 +61,8 @@ ABILITY = "math"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 WRITE_CHUNK_ROWS = 256
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# pixels per side of one visual token: Qwen2.5-VL's 14-px patches merged 2 x 2 (Qwen3-VL: 16-px patches, 32)
+IMAGE_FACTOR = 28
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -299,6 +306,59 @@ def _open_hub(name: str, split: str | None, subset: str | None) -> Source:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PixelCap:
+    """Bounds on an image's pixel count, applied as qwen-vl-utils' ``smart_resize`` applies them.
+
+    ``max_pixels`` / ``min_pixels``: None leaves that side open; ``factor``: the side lengths' multiple (28 for
+    Qwen2.5-VL, 32 for Qwen3-VL)."""
+
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+    factor: int = IMAGE_FACTOR
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise PrepError(f"--image-factor must be >= 1, got {self.factor}")
+        if self.max_pixels is not None and self.max_pixels < self.factor**2:
+            raise PrepError(f"--max-pixels must be >= {self.factor**2} (one {self.factor} x {self.factor} token), "
+                            f"got {self.max_pixels}")  # fmt: skip
+        if self.min_pixels is not None and self.min_pixels < 1:
+            raise PrepError(f"--min-pixels must be >= 1, got {self.min_pixels}")
+        if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise PrepError(f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}")
+
+    def new_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """``(width, height)`` to resize to, or None when the image is within the bounds and is kept as it is."""
+        lo, hi = self.min_pixels or 0, self.max_pixels or float("inf")
+        f = self.factor
+        rounded = max(f, round(height / f) * f) * max(f, round(width / f) * f)
+        if lo <= rounded <= hi:
+            return None
+        new_height, new_width = smart_resize(height, width, f, self.min_pixels, self.max_pixels)
+        return new_width, new_height
+
+
+def smart_resize(
+    height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int | None = None, max_pixels: int | None = None
+) -> tuple[int, int]:
+    """``(height, width)`` as ``qwen_vl_utils.smart_resize`` computes it (vision_process.py, qwen-vl-utils 0.0.14):
+    both sides multiples of ``factor``, the aspect ratio kept as closely as possible, the area within
+    ``[min_pixels, max_pixels]`` (None: unbounded). Unlike it, extreme aspect ratios (> 200) are not refused and a
+    side never drops below ``factor``."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if max_pixels is not None and h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif min_pixels is not None and h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def resolve_image_path(path: str | os.PathLike, image_dir: Path, row_id: str) -> Path:
     """``image_dir / path`` (lexically normalised); PrepError when the path escapes ``image_dir``."""
     base = os.path.abspath(image_dir)
@@ -308,10 +368,15 @@ def resolve_image_path(path: str | os.PathLike, image_dir: Path, row_id: str) ->
     return Path(full)
 
 
-def load_images(value: Any, image_dir: Path, row_id: str) -> list[bytes]:
-    """All images of a row as PNG bytes; accepts paths, {"bytes"/"path"} dicts, raw bytes, PIL images, lists."""
+def load_images(
+    value: Any, image_dir: Path, row_id: str, cap: PixelCap | None = None, stats: Counter | None = None
+) -> list[bytes]:
+    """All images of a row as PNG bytes; accepts paths, {"bytes"/"path"} dicts, raw bytes, PIL images, lists.
+
+    With ``cap``, an image outside its bounds is resized to ``cap.new_size`` (counted in ``stats["images_resized"]``).
+    """
     items = [item for item in _as_list(value) if item is not None and item != ""]
-    return [encode_png(_image_payload(item, image_dir, row_id), row_id) for item in items]
+    return [encode_png(_image_payload(item, image_dir, row_id), row_id, cap, stats) for item in items]
 
 
 def _as_list(value: Any) -> list:
@@ -347,12 +412,20 @@ def _read_image_file(path: str | os.PathLike, image_dir: Path, row_id: str) -> b
     return full.read_bytes()
 
 
-def encode_png(payload: bytes | Image.Image, row_id: str) -> bytes:
-    """Decode and re-encode as RGB PNG (transparency flattened onto white, as diagrams expect)."""
+def encode_png(
+    payload: bytes | Image.Image, row_id: str, cap: PixelCap | None = None, stats: Counter | None = None
+) -> bytes:
+    """Decode and re-encode as RGB PNG (transparency flattened onto white, as diagrams expect), resized into
+    ``cap``'s bounds with the bicubic filter ``qwen_vl_utils.fetch_image`` resizes with (PIL's default)."""
     try:
         image = payload if isinstance(payload, Image.Image) else Image.open(BytesIO(payload))
         image.load()
         image = _to_rgb(image)
+        size = cap.new_size(*image.size) if cap is not None else None
+        if size is not None:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            if stats is not None:
+                stats["images_resized"] += 1
         buffer = BytesIO()
         image.save(buffer, format="PNG")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
@@ -559,6 +632,7 @@ class Options:
     categories: tuple[str, ...] = ()
     stats: Counter = field(default_factory=Counter)
     row_expert: RowExpert | None = None  # expert taken from the row itself (R1 traces), instead of ``experts``
+    pixel_cap: PixelCap | None = None  # --max-pixels / --min-pixels: images resized into these bounds
 
 
 def convert_rows(source: Source, columns: Columns, options: Options) -> Iterator[dict]:
@@ -595,7 +669,11 @@ def _convert_one(record: dict, position: int, columns: Columns, options: Options
         stats["skipped_no_expert"] += 1
         return None
     try:
-        images = load_images(record.get(columns.image), options.image_dir, row_id) if columns.image else []
+        images = (
+            load_images(record.get(columns.image), options.image_dir, row_id, options.pixel_cap, stats)
+            if columns.image
+            else []
+        )
     except ImageError:
         if not options.skip_missing_images:
             raise
@@ -756,6 +834,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: Preset | None)
     parser.add_argument("--instruction", default=INSTRUCTION, help="text appended to the question ('' for none)")
     parser.add_argument("--skip-missing-images", action="store_true", help="skip (and count) rows with bad images")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many output rows")
+    parser.add_argument(
+        "--max-pixels", type=int, default=None,
+        help="resize images above this many pixels down (aspect kept, sides multiples of --image-factor), as "
+             "qwen-vl-utils' smart_resize does; e.g. 1003520 = 1280 visual tokens of 28 x 28 (default: keep size)",
+    )  # fmt: skip
+    parser.add_argument("--min-pixels", type=int, default=None, help="resize images below this many pixels up")
+    parser.add_argument(
+        "--image-factor", type=int, default=IMAGE_FACTOR,
+        help=f"pixels per side of a visual token for the resizing: {IMAGE_FACTOR} for Qwen2.5-VL, 32 for Qwen3-VL",
+    )  # fmt: skip
+
+
+def pixel_cap(args: argparse.Namespace) -> PixelCap | None:
+    """The ``PixelCap`` of ``--max-pixels`` / ``--min-pixels`` (None when neither is given)."""
+    max_pixels, min_pixels = getattr(args, "max_pixels", None), getattr(args, "min_pixels", None)
+    if max_pixels is None and min_pixels is None:
+        return None
+    return PixelCap(max_pixels, min_pixels, getattr(args, "image_factor", IMAGE_FACTOR))
 
 
 def resolve_columns(args: argparse.Namespace, preset: Preset, source: Source, category: str | None = None) -> Columns:
@@ -795,6 +891,7 @@ def run(
     ``image_1`` .. ``image_7`` columns become one ``images`` list).
     """
     split = args.split or preset.split
+    cap = pixel_cap(args)  # bad bounds fail before the source is read
     source = open_source(args.input, split, args.subset)
     if source_transform is not None:
         source = source_transform(source)
@@ -809,8 +906,11 @@ def run(
         instruction=args.instruction,
         skip_missing_images=args.skip_missing_images,
         limit=args.limit,
+        pixel_cap=cap,
         **option_overrides,
     )
+    if cap is not None:
+        options.stats["images_resized"] += 0  # shown in the summary even when no image needed it
     written = write_parquet(convert_rows(source, columns, options), Path(args.output))
     summary = {"output": str(args.output), "rows_written": written, **dict(sorted(options.stats.items()))}
     print_summary(summary)
