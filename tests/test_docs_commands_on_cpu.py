@@ -403,8 +403,11 @@ COMMANDS: dict[str, Entry] = {
         "the paper's SFT: 3125 steps, ~30 minutes on 2 cores", help=True),
     "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 2 --arms grpo calibrl_a0.5 luffy":
         not_run("9 runs of ~13-20 minutes after the 30-minute SFT", help=True),
-    "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 --arms calibrl_allwrong":
-        not_run("2 runs of ~13-20 minutes after the 30-minute SFT", help=True),
+    "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 2 --arms calibrl_allwrong":
+        not_run("3 runs of ~13-20 minutes after the 30-minute SFT", help=True),
+    "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 --arms calibrl_seqgap "
+    "sft_then_grpo": not_run("4 runs of ~15-20 minutes after the 30-minute SFT (and the SFT on the RL split)",
+                             help=True),
     "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 2 "
     "--arms grpo calibrl_a0.5 luffy calibrl_allwrong grpo_entropy calibrl_seqgap sft_then_grpo":
         not_run("the rest of the grid: about 5 hours on 2 cores", help=True),
