@@ -52,8 +52,7 @@ def _answer_tag(response: str) -> str | None:
 def _boxed(response: str) -> str | None:
     if "\\boxed" not in response or extract_boxed_content is None:
         return None
-    last = response[response.rfind("\\boxed"):]
-    content = extract_boxed_content(last)
+    content = extract_boxed_content(response)  # mathruler's: the last box, braces matched
     return content.strip() if content and content != "None" else None
 
 

@@ -54,7 +54,7 @@ def extract(response: str) -> str | None:
     if match:
         text = match.group(1)
     elif "\\boxed" in response and extract_boxed_content is not None:
-        text = extract_boxed_content(response[response.rfind("\\boxed"):])
+        text = extract_boxed_content(response)  # the last box
     else:
         lines = [line for line in response.splitlines() if _NUMBER_LINE_RE.search(line)]
         text = lines[-1] if lines else ""
