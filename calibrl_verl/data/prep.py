@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import string
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,7 +61,7 @@ IMAGE_TOKEN = "<image>"
 ABILITY = "math"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 WRITE_CHUNK_ROWS = 256
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = string.ascii_uppercase  # option letters, in order
 # pixels per side of one visual token: Qwen2.5-VL's 14-px patches merged 2 x 2 (Qwen3-VL: 16-px patches, 32)
 IMAGE_FACTOR = 28
 

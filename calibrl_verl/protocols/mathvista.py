@@ -16,13 +16,14 @@ ground truth as a string (``safe_equal``).
 from __future__ import annotations
 
 import re
+import string
 from typing import Any
 
 from calibrl_verl.protocols.base import Item, graded, need, user_prompt
 from calibrl_verl.protocols.extract import lenient_answer
 from calibrl_verl.protocols.rules import Rules
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = string.ascii_uppercase  # option letters, in order
 HINTS = {
     "multi_choice": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at "
                     "the end.",

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from typing import Any
 
 from calibrl_verl.protocols.base import Item, graded, need, user_prompt
 from calibrl_verl.protocols.rules import Rules
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = string.ascii_uppercase  # option letters, in order
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 OPEN_PROMPT = "Answer the question using a single word or phrase."
 _INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
