@@ -1,5 +1,6 @@
 """Opt-in runs, left out of the default run to keep CI under 30 minutes and selected with ``-m <marker>`` (or any -m
-naming it): ``families`` (the smoke runs of the other model families) and ``serve`` (vLLM's OpenAI server on the tiny
+naming it): ``families`` (the smoke runs of the other model families, and the other opt-in launches: RL-PLUS, the
+shipped recipes one step each, verl's SFT trainer and merge) and ``serve`` (vLLM's OpenAI server on the tiny
 model)."""
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 OPT_IN = {
-    "families": "model-family smoke run: select with -m families (bash scripts/test.sh -m families)",
+    "families": "opt-in launch (model families, RL-PLUS, real recipes, SFT + merge): select with -m families "
+                "(bash scripts/test.sh -m families)",
     "serve": "starts vLLM's OpenAI server: select with -m serve (bash scripts/test.sh -m serve)",
 }
 

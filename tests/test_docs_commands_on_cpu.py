@@ -179,6 +179,7 @@ COVERAGE = "tests/test_smoke_coverage_on_cpu.py::test_fast_coverage_study_trains
 EXPERTS_CLI = "tests/test_experts_on_cpu.py::test_a_killed_run_resumes_without_repeating_settled_problems"
 EVALUATE = "tests/test_evaluate_on_cpu.py"
 PROTOCOLS = "tests/test_protocols_on_cpu.py"
+SFT_RUN = "tests/test_sft_run_on_cpu.py::test_sft_script_trains_on_cpu_and_the_merged_model_is_what_grpo_starts_from"
 GPU_MODEL = "needs a merged 7B checkpoint and a GPU"
 INSTALL = "installs the GPU / CPU stack (network, ~7 GB); CI runs setup_cpu.sh before the suite"
 SUITE = "runs this test suite (ruff, then pytest): CI's own command (.ci/run)"
@@ -334,7 +335,10 @@ COMMANDS: dict[str, Entry] = {
                 ("trainer.experiment_name", "sft_qwen2_5vl_7b"),
                 ("trainer.default_local_dir", "{W}/checkpoints/calibrl/sft_qwen2_5vl_7b"))),
     "python -m verl.model_merger merge --backend fsdp --local_dir checkpoints/calibrl/sft_qwen2_5vl_7b/global_step_N "
-    "--target_dir merged/sft": not_run("needs the SFT run's FSDP checkpoint (8 GPUs)", help=True),
+    "--target_dir merged/sft": covered(
+        SFT_RUN, ('"verl.model_merger", "merge", "--backend", "fsdp", "--local_dir"', '"--target_dir", "merged/sft"'),
+        "needs the 7B SFT run's checkpoint; the test merges a 2-step SFT run of the tiny model (opt-in, -m families)",
+        help=True),
     "MODEL_PATH=merged/sft EXP=sft_grpo_qwen2_5vl_7b bash recipes/run_grpo_qwen2_5vl_7b.sh": dry(
         config=(("actor_rollout_ref.model.path", "merged/sft"), ("calibrl.loss_mode", "grpo"),
                 ("trainer.experiment_name", "sft_grpo_qwen2_5vl_7b"),

@@ -192,3 +192,19 @@ def test_sft_script_launch_command_is_verl_sft_trainer_under_torchrun(tmp_path: 
     assert argv[5:7] == ["-m", "verl.trainer.sft_trainer"]
     assert "model.path=/m/base" in argv and argv[-1] == "trainer.total_epochs=2"
     assert f"data.train_files=[{REPO}/data/virl39k/sft.parquet]" in argv
+
+
+def test_sft_cpu_overrides_compose_in_verls_sft_config(tmp_path: Path) -> None:
+    """calibrl_verl.cpu.sft_cpu_overrides() (what tests/test_sft_run_on_cpu.py appends to the run script, -m families)
+    are keys of verl's sft_trainer_engine config and pass the dry run's checks; cheap, so in the default run."""
+    from calibrl_verl.cpu import sft_cpu_overrides
+    from calibrl_verl.sft_dry_run import check, compose
+
+    write_rl(tmp_path / "train.parquet", ROWS)
+    convert(tmp_path / "train.parquet", tmp_path / "sft.parquet")
+    config = compose([f"data.train_files=[{tmp_path / 'sft.parquet'}]", "trainer.n_gpus_per_node=1",
+                      *sft_cpu_overrides()])
+    assert check(config) == ([], [])
+    assert config.trainer.device == "cpu" and config.engine.strategy == "fsdp2"
+    assert config.model.override_config.attn_implementation == "sdpa" and config.model.use_remove_padding is False
+    assert config.engine.mixed_precision.param_dtype == "fp32" and config.engine.use_torch_compile is False

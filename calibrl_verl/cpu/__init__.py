@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import os
 
-from calibrl_verl.cpu.settings import SWITCH_ENV, SWITCH_VALUE, cpu_env, cpu_overrides
+from calibrl_verl.cpu.settings import SWITCH_ENV, SWITCH_VALUE, cpu_env, cpu_overrides, sft_cpu_overrides
 
-__all__ = ["activate_if_requested", "cpu_env", "cpu_overrides", "is_requested"]
+__all__ = ["activate_if_requested", "cpu_env", "cpu_overrides", "is_requested", "sft_cpu_overrides"]
 
 logger = logging.getLogger(__name__)
 _active = False

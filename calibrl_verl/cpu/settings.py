@@ -1,4 +1,4 @@
-"""The environment and Hydra overrides that verl 0.9.1's ``main_ppo`` needs on a CPU-only host.
+"""The environment and Hydra overrides that verl 0.9.1's ``main_ppo`` (and its SFT trainer) needs on a CPU-only host.
 
 Kept free of torch/verl imports so launch scripts and tests can build a command line cheaply. Each entry
 names the blocker it removes (``VERL_ON_CPU.md`` numbers them for verl, ``VLLM_ON_CPU.md`` for vLLM).
@@ -88,4 +88,29 @@ def cpu_overrides(
         "data.dataloader_num_workers=0",
         f"reward.num_workers={workers}",
         f"actor_rollout_ref.rollout.agent.num_workers={workers}",
+    ]
+
+
+def sft_cpu_overrides() -> list[str]:
+    """Hydra overrides for verl 0.9.1's SFT trainer (``torchrun -m verl.trainer.sft_trainer``) on CPU, one process.
+
+    With :func:`cpu_env` in the environment (without it: "ProcessGroupNCCL is only supported with GPUs, no GPUs
+    found!"), appended to ``recipes/run_sft_*.sh``'s own overrides. Each line's comment is the error without it.
+    """
+    return [
+        # "RuntimeError: Found no NVIDIA driver on your system" (the trainer moves batches to trainer.device)
+        "trainer.device=cpu",
+        # FSDP1: "The module has CPU parameters or buffers when `sync_module_states=True`, which requires them to be
+        # on GPU" (blockers 6/7)
+        "engine.strategy=fsdp2",
+        # "FlashAttention2 has been toggled on, but it cannot be used ... the package for FlashAttention2 doesn't
+        # seem to be installed" (blocker 5)
+        "+model.override_config.attn_implementation=sdpa",
+        # verl's Qwen2-VL varlen attention patch: "NameError: name '_flash_use_top_left_mask' is not defined"
+        "model.use_remove_padding=false",
+        # not errors: fp32 compute and no inductor (no compiler toolchain), as in cpu_overrides; no dataloader
+        # worker processes on a few cores
+        "+engine.mixed_precision.param_dtype=fp32",
+        "engine.use_torch_compile=false",
+        "data.num_workers=0",
     ]
