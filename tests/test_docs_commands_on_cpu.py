@@ -574,7 +574,7 @@ def readme_recipe() -> str:
     """The README's example recipe (the YAML block under "Make a new recipe")."""
     for block in docs.code_blocks((REPO / "README.md").read_text()):
         text = "\n".join(block.lines)
-        if "experiment_name: calibrl_seqgap_qwen2_5vl_7b" in text:
+        if "experiment_name: ${oc.env:EXP,calibrl_seqgap_qwen2_5vl_7b}" in text:
             return text + "\n"
     raise AssertionError("the README's example recipe is gone")
 
