@@ -453,7 +453,10 @@ COMMANDS: dict[str, Entry] = {
     "diff recipes/methods/calibrl.yaml recipes/methods/luffy.yaml": run(
         rc=1, expect=("<   loss_mode: calibrl", ">   loss_mode: luffy")),
     "python -m calibrl_verl.main_calibrl --config-name calibrl_qwen2_5vl_7b [--dry-run] [key=value ...]": dry(
-        why="the optional parts given", subs=(("[--dry-run]", "--dry-run"), ("[key=value ...]", "calibrl.alpha=0.3")),
+        why="the optional parts given; the workspace's recipes/, so that <repo> (the recipes' data/ defaults) is the "
+            "workspace, as in a checkout",
+        subs=(("[--dry-run]", "--dry-run"), ("[key=value ...]", "calibrl.alpha=0.3"),
+              ("--config-name", "--config-dir {W}/recipes --config-name")),
         config=(("calibrl.alpha", 0.3),)),
     "bash recipes/run_<recipe>.sh --help": run(
         "every GPU recipe's run script", expect=("ok",),
