@@ -236,3 +236,15 @@ def test_cli_records_the_recipes_folder_it_passes_to_hydra(monkeypatch, tmp_path
     assert resolvers.repo_root() == f"{tmp_path}/a"
     entry.cli(["-cd", f"{tmp_path}/b/recipes", "--config-name", "x"])
     assert resolvers.repo_root() == f"{tmp_path}/b"
+
+
+def test_an_empty_model_path_is_named_as_a_missing_input(monkeypatch):
+    """oc.env reads a set-but-empty MODEL_PATH as "" (the run scripts unset empty variables first); a direct launch
+    with it stops naming the key and the variable instead of handing verl an empty path."""
+    from calibrl_verl.main_calibrl import missing_inputs
+
+    monkeypatch.setenv("MODEL_PATH", "")
+    cfg = compose_recipe("calibrl_qwen2_5vl_7b")
+    prepare_config(cfg)
+    assert ("actor_rollout_ref.model.path is empty: set it (MODEL_PATH in the run scripts) to a local model directory "
+            "or a Hugging Face id") in missing_inputs(cfg)
