@@ -5,7 +5,9 @@ TaskRunner) with our config (``config/calibrl_trainer.yaml``: verl's ``ppo_train
 or a recipe from the checkout's ``recipes/`` named with ``--config-name``) and these things done first, on the
 driver, before Ray or any GPU starts:
 
-0. the installed verl must be the release the stage wrappers were written against (``integration/stage_io.py``:
+0. the values that read the environment (the recipes' ``${oc.env:...}`` and ``${calibrl_env_*:...}``,
+   ``calibrl_verl.config.resolvers``) are resolved here, so that Ray's processes, on any node, get plain values;
+   the installed verl must be the release the stage wrappers were written against (``integration/stage_io.py``:
    ``VerlDriftError`` otherwise, unless ``calibrl.allow_verl_mismatch=true``);
 1. the ``calibrl:`` section is validated (a bad key stops here with a message naming it), the batch shape is
    checked (a PPO mini-batch's rows, expert rows included, split evenly over the GPUs), the input files are
@@ -45,6 +47,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError  # noqa: E402
+from calibrl_verl.config.resolvers import resolve_on_driver, set_recipes_dir  # noqa: E402
 
 _FORWARDED_ENV = ("CALIBRL_REGISTER_TRAINER", "CALIBRL_DEVICE")
 DRY_RUN_FLAG = "--dry-run"
@@ -59,6 +62,7 @@ def prepare_config(config: DictConfig) -> CalibRLConfig:
     """Validate ``calibrl:`` and derive the verl keys it implies; returns the validated section."""
     from calibrl_verl.integration.stage_io import check_verl_version
 
+    resolve_on_driver(config)
     cfg = CalibRLConfig.from_config(config.get("calibrl"))
     warning = check_verl_version(cfg.allow_verl_mismatch)
     if warning:
@@ -267,7 +271,10 @@ def missing_inputs(config: DictConfig) -> list[str]:
         missing += [f"{key}: no such file: {path} (set {env} or {key} to your parquet file(s); see README "
                     "'Preparing data')" for path in paths if _is_local(path) and not os.path.isfile(_expand(path))]
     model = str(config.actor_rollout_ref.model.path)
-    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(_expand(model)):
+    if not model.strip():
+        missing.append("actor_rollout_ref.model.path is empty: set it (MODEL_PATH in the run scripts) to a local model "
+                       "directory or a Hugging Face id")
+    elif model.startswith(("/", "./", "../", "~")) and not os.path.isdir(_expand(model)):
         missing.append(f"actor_rollout_ref.model.path: no such directory: {model} (a local model directory or a "
                        "Hugging Face id; MODEL_PATH in the run scripts)")
     return missing
@@ -393,6 +400,17 @@ def main(config: Any) -> None:
     run(config)
 
 
+def config_dir(args: Sequence[str]) -> str | None:
+    """The ``--config-dir`` (``-cd``) Hydra uses: the last one given, or None."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--config-dir="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
     """The command line: ``--dry-run`` (ours, taken out before Hydra parses the rest) and the recipes' directory."""
     global _dry_run
@@ -404,6 +422,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     if (RECIPES_DIR / "paper.yaml").is_file():
         # first, so that a --config-dir of the user's replaces it (Hydra keeps the last one)
         args = ["--config-dir", str(RECIPES_DIR), *args]
+    set_recipes_dir(config_dir(args))  # <repo> of the recipes' defaults (data/, checkpoints/): the folder above it
     sys.argv = [sys.argv[0], *args]
     main()
 

@@ -7,10 +7,10 @@
 #
 #   bash recipes/run_calibrl_qwen2_5vl_7b_lora.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
 #
-# The settings are one Hydra config: recipes/calibrl_qwen2_5vl_7b_lora.yaml. recipes/launch.sh turns the
-# environment variables into overrides placed before yours.
+# The settings are one Hydra config: recipes/calibrl_qwen2_5vl_7b_lora.yaml, which also reads the environment variables
+# (--help lists them).
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
-# python -m calibrl_verl.main_calibrl --config-name calibrl_qwen2_5vl_7b_lora <environment overrides> "$@"
+# python -m calibrl_verl.main_calibrl --config-name calibrl_qwen2_5vl_7b_lora "$@"
 calibrl_launch calibrl_qwen2_5vl_7b_lora "$@"

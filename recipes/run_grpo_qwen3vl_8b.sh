@@ -4,10 +4,10 @@
 #
 #   bash recipes/run_grpo_qwen3vl_8b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
 #
-# The settings are one Hydra config: recipes/grpo_qwen3vl_8b.yaml. recipes/launch.sh turns the
-# environment variables into overrides placed before yours.
+# The settings are one Hydra config: recipes/grpo_qwen3vl_8b.yaml, which also reads the environment variables
+# (--help lists them).
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
-# python -m calibrl_verl.main_calibrl --config-name grpo_qwen3vl_8b <environment overrides> "$@"
+# python -m calibrl_verl.main_calibrl --config-name grpo_qwen3vl_8b "$@"
 calibrl_launch grpo_qwen3vl_8b "$@"

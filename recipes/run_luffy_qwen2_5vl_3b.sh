@@ -4,10 +4,10 @@
 #
 #   bash recipes/run_luffy_qwen2_5vl_3b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
 #
-# The settings are one Hydra config: recipes/luffy_qwen2_5vl_3b.yaml. recipes/launch.sh turns the
-# environment variables into overrides placed before yours.
+# The settings are one Hydra config: recipes/luffy_qwen2_5vl_3b.yaml, which also reads the environment variables
+# (--help lists them).
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
-# python -m calibrl_verl.main_calibrl --config-name luffy_qwen2_5vl_3b <environment overrides> "$@"
+# python -m calibrl_verl.main_calibrl --config-name luffy_qwen2_5vl_3b "$@"
 calibrl_launch luffy_qwen2_5vl_3b "$@"

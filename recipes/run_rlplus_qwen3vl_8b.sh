@@ -4,10 +4,10 @@
 #
 #   bash recipes/run_rlplus_qwen3vl_8b.sh [--dry-run] [hydra overrides...]     (--help: the environment variables)
 #
-# The settings are one Hydra config: recipes/rlplus_qwen3vl_8b.yaml. recipes/launch.sh turns the
-# environment variables into overrides placed before yours.
+# The settings are one Hydra config: recipes/rlplus_qwen3vl_8b.yaml, which also reads the environment variables
+# (--help lists them).
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
-# python -m calibrl_verl.main_calibrl --config-name rlplus_qwen3vl_8b <environment overrides> "$@"
+# python -m calibrl_verl.main_calibrl --config-name rlplus_qwen3vl_8b "$@"
 calibrl_launch rlplus_qwen3vl_8b "$@"

@@ -26,8 +26,37 @@
 #   WANDB_API_KEY    when set, or after `wandb login`, wandb joins the console + tensorboard loggers
 
 set -euo pipefail
-# the recipes' launcher, for its helpers only (paths, file lists, quoting, wandb); it launches main_calibrl, not this
+# the recipes' launcher, for CALIBRL_ROOT and calibrl_quote only; it launches main_calibrl, not this. verl's SFT
+# trainer does not load calibrl_verl.config's resolvers, so this script turns the environment into overrides itself.
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+
+sft_die() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+sft_abspath() {
+  case "$1" in
+    /* | *://*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "$1" ;;
+  esac
+}
+
+# "a,b c" -> the Hydra list [/abs/a,/abs/b,/abs/c] (commas, spaces and Hydra-style brackets/quotes separate).
+sft_files_list() (
+  set -f  # no globbing of the words
+  local item out=()
+  for item in $(printf '%s' "$1" | tr ',[]"' "    " | tr "'" " "); do
+    out+=("$(sft_abspath "$item")")
+  done
+  local IFS=,
+  printf '[%s]' "${out[*]}"
+)
+
+# wandb can log: a key in the environment, or `wandb login`'s entry for api.wandb.ai in the netrc file
+sft_wandb_ready() {
+  [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "${NETRC:-$HOME/.netrc}"
+}
 
 sft_help() {
   sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
@@ -45,14 +74,14 @@ done
 : "${PROJECT:=calibrl}"
 : "${EXP:=sft_qwen2_5vl_7b}"
 : "${OUTPUT_DIR:=$CALIBRL_ROOT/checkpoints/$PROJECT/$EXP}"
-calibrl_positive_int N_GPUS_PER_NODE
-OUTPUT_DIR="$(calibrl_abspath "$OUTPUT_DIR")"
-if [[ -n "${VAL_FILES:-}" ]]; then VAL="$(calibrl_files_list "$VAL_FILES")"; else VAL=null; fi
+[[ "$N_GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || sft_die "N_GPUS_PER_NODE='$N_GPUS_PER_NODE' must be a positive integer"
+OUTPUT_DIR="$(sft_abspath "$OUTPUT_DIR")"
+if [[ -n "${VAL_FILES:-}" ]]; then VAL="$(sft_files_list "$VAL_FILES")"; else VAL=null; fi
 LOGGER="[console,tensorboard]"
-if calibrl_wandb_ready; then LOGGER="[console,tensorboard,wandb]"; fi
+if sft_wandb_ready; then LOGGER="[console,tensorboard,wandb]"; fi
 
 ARGS=(
-  "data.train_files=$(calibrl_files_list "$TRAIN_FILES")"
+  "data.train_files=$(sft_files_list "$TRAIN_FILES")"
   "data.val_files=$VAL"
   data.messages_key=messages
   data.max_length=24576

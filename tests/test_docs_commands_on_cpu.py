@@ -457,7 +457,10 @@ COMMANDS: dict[str, Entry] = {
     "diff recipes/methods/calibrl.yaml recipes/methods/luffy.yaml": run(
         rc=1, expect=("<   loss_mode: calibrl", ">   loss_mode: luffy")),
     "python -m calibrl_verl.main_calibrl --config-name calibrl_qwen2_5vl_7b [--dry-run] [key=value ...]": dry(
-        why="the optional parts given", subs=(("[--dry-run]", "--dry-run"), ("[key=value ...]", "calibrl.alpha=0.3")),
+        why="the optional parts given; the workspace's recipes/, so that <repo> (the recipes' data/ defaults) is the "
+            "workspace, as in a checkout",
+        subs=(("[--dry-run]", "--dry-run"), ("[key=value ...]", "calibrl.alpha=0.3"),
+              ("--config-name", "--config-dir {W}/recipes --config-name")),
         config=(("calibrl.alpha", 0.3),)),
     "bash recipes/run_<recipe>.sh --help": run(
         "every GPU recipe's run script", expect=("ok",),
@@ -578,7 +581,7 @@ def readme_recipe() -> str:
     """The README's example recipe (the YAML block under "Make a new recipe")."""
     for block in docs.code_blocks((REPO / "README.md").read_text()):
         text = "\n".join(block.lines)
-        if "experiment_name: calibrl_seqgap_qwen2_5vl_7b" in text:
+        if "experiment_name: ${oc.env:EXP,calibrl_seqgap_qwen2_5vl_7b}" in text:
             return text + "\n"
     raise AssertionError("the README's example recipe is gone")
 

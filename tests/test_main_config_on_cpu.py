@@ -149,6 +149,9 @@ def test_a_verl_release_mismatch_stops_the_launch_with_its_message(monkeypatch, 
     monkeypatch.setattr(stage_io, "installed_verl_version", lambda: "0.10.0")
     monkeypatch.setattr(sys, "argv", ["main_calibrl"])
     monkeypatch.setattr(entry, "_dry_run", False)  # restored after the test: cli() sets it
+    from calibrl_verl.config import resolvers
+
+    monkeypatch.setattr(resolvers, "_recipes_dir", None)  # restored too: cli() records the --config-dir
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         entry.cli(["--dry-run"])
@@ -324,6 +327,9 @@ def test_cli_takes_dry_run_out_and_puts_the_recipes_on_the_search_path(monkeypat
     monkeypatch.setattr(entry, "main", lambda: seen.append((list(sys.argv[1:]), entry._dry_run)))
     monkeypatch.setattr(sys, "argv", ["main_calibrl"])
     monkeypatch.setattr(entry, "_dry_run", False)  # restored after the test: cli() sets it
+    from calibrl_verl.config import resolvers
+
+    monkeypatch.setattr(resolvers, "_recipes_dir", None)  # restored too: cli() records the --config-dir
     entry.cli(["--config-name", "grpo_qwen2_5vl_7b", "--dry-run", "calibrl.alpha=0.3"])
     entry.cli(["calibrl.alpha=0.3", "--config-dir=mine"])
     recipes = f"{entry.RECIPES_DIR}"

@@ -1,7 +1,9 @@
 """recipes/: the YAML recipes compose to exactly what the bash recipes composed, and the run scripts' launcher.
 
 The bash recipes (recipes/common.sh until the recipes became YAML) printed ~70 Hydra overrides; they are kept as
-tests/fixtures/legacy_recipe_overrides.json, and every YAML recipe must compose to the same config, key by key.
+tests/fixtures/legacy_recipe_overrides.json, and every YAML recipe must compose to the same config, key by key
+(with the fixture's TRAIN_FILES / VAL_FILES set: the recipes read the environment themselves, resolvers in
+calibrl_verl/config/resolvers.py, tested in tests/test_recipe_env_on_cpu.py).
 """
 
 from __future__ import annotations
@@ -90,10 +92,26 @@ def legacy_overrides(recipe: str, root: Path = REPO, data: str = DATA) -> list[s
     return [arg.format(root=root, data=data) for arg in LEGACY[recipe]["overrides"]] + SINCE_LEGACY
 
 
-def launcher_overrides(recipe: str) -> list[str]:
-    """What the launcher passes by default for the environment: data files and OUTPUT_DIR (see recipes/launch.sh)."""
-    return [arg for arg in legacy_overrides(recipe)
-            if arg.startswith(("data.train_files=", "data.val_files=", "trainer.default_local_dir="))]  # fmt: skip
+# the variables the recipes read (paper.yaml, text.yaml, models/): none leaks in from the caller
+RECIPE_ENV = ("MODEL_PATH", "TRAIN_FILES", "VAL_FILES", "NNODES", "N_GPUS_PER_NODE", "PROJECT", "EXP", "OUTPUT_DIR",
+              "WANDB_API_KEY", "NETRC", "DRY_RUN", "CALIBRL_DEVICE")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_recipe_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The recipes' defaults: no variable set, no wandb key in a netrc file, <repo> the checkout."""
+    from calibrl_verl.config import resolvers
+
+    for name in RECIPE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setattr(resolvers, "_recipes_dir", None)
+
+
+def legacy_env(monkeypatch: pytest.MonkeyPatch, data: str = DATA) -> None:
+    """The fixture's environment: TRAIN_FILES / VAL_FILES under ``data``, other variables unset."""
+    monkeypatch.setenv("TRAIN_FILES", f"{data}/train.parquet")
+    monkeypatch.setenv("VAL_FILES", f"{data}/val_a.parquet,{data}/val_b.parquet")
 
 
 def compose_legacy(recipe: str, data: str = DATA) -> DictConfig:
@@ -119,9 +137,12 @@ def differences(a: object, b: object, path: str = "") -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
-def test_yaml_recipe_composes_to_what_the_bash_recipe_composed(recipe: str) -> None:
+def test_yaml_recipe_composes_to_what_the_bash_recipe_composed(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The YAML alone, with the fixture's environment: data files, checkpoint folder and the rest as the bash
+    recipe's overrides set them."""
     legacy = compose_legacy(recipe)
-    new = compose_recipe(recipe, launcher_overrides(recipe))
+    legacy_env(monkeypatch)
+    new = compose_recipe(recipe, [])
     assert differences(resolved(legacy), resolved(new)) == []
     prepare_config(legacy)
     prepare_config(new)  # what main_calibrl derives (estimator, policy loss, reward guard) agrees too
@@ -221,7 +242,8 @@ def test_qwen3vl_recipe_is_the_qwen2_5vl_one_but_for_the_model(recipe: str, base
         ".actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", ".actor_rollout_ref.model.path",
         ".actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", ".data.image_patch_size",
         ".data.mm_processor_kwargs.min_pixels", ".trainer.experiment_name"]  # fmt: skip
-    assert f".actor_rollout_ref.model.path: {ALL_RECIPES[base][3]!r} != {ALL_RECIPES[recipe][3]!r}" in diff
+    assert (f".actor_rollout_ref.model.path: '${{oc.env:MODEL_PATH,{ALL_RECIPES[base][3]}}}' != "
+            f"'${{oc.env:MODEL_PATH,{ALL_RECIPES[recipe][3]}}}'") in diff
     assert ".data.image_patch_size: 14 != 16" in diff
 
 
@@ -245,7 +267,8 @@ def test_a_new_recipe_is_one_yaml_file(tmp_path: Path) -> None:
     unresolved = OmegaConf.to_container  # interpolations of experiment_name (e.g. the checkpoint dir) follow it
     assert differences(unresolved(base), unresolved(cfg)) == [
         ".calibrl.gap: 'token' != 'sequence'", ".calibrl.sequence_norm: 'sum' != 'mean'",
-        f".trainer.experiment_name: '${{calibrl.loss_mode}}_qwen2_5vl_7b' != '{name}'",
+        f".trainer.experiment_name: '${{oc.env:EXP,${{calibrl.loss_mode}}_qwen2_5vl_7b}}' != "
+        f"'${{oc.env:EXP,{name}}}'",
     ]  # fmt: skip
     prepare_config(cfg)
 
@@ -260,11 +283,9 @@ def env(tmp_path: Path) -> dict[str, str]:
     files = {name: tmp_path / f"{name}.parquet" for name in ("train", "val_a", "val_b")}
     for path in files.values():
         path.touch()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WANDB_API_KEY", "DRY_RUN", "MODEL_PATH", "EXP", "PROJECT", "NNODES", "N_GPUS_PER_NODE",
-                        "OUTPUT_DIR", "CALIBRL_DEVICE")}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in RECIPE_ENV}
     env.update(TRAIN_FILES=str(files["train"]), VAL_FILES=f"{files['val_a']},{files['val_b']}",
-               PYTHON=sys.executable)  # fmt: skip
+               PYTHON=sys.executable, NETRC=str(tmp_path / "no_netrc"))  # fmt: skip
     return env
 
 
@@ -321,7 +342,11 @@ def test_environment_variables_and_user_overrides(env: dict[str, str], tmp_path:
     assert result.returncode == 0, result.stderr[-3000:]
     command = printed_command(result.stderr)
     assert command[-4:] == ["--dry-run", *user]  # the user's overrides come last, so they win
-    assert f"trainer.default_local_dir={tmp_path}/rel/out" in command
+    # the variables set are named in the printed command (the wandb key is not: a secret)
+    assert command[:12] == ["env", "PYTHONUNBUFFERED=1", "MODEL_PATH=org/m", "TRAIN_FILES=missing/train.parquet",
+                            f"VAL_FILES={env['VAL_FILES']}", "NNODES=2", "N_GPUS_PER_NODE=4", "PROJECT=p", "EXP=e",
+                            "OUTPUT_DIR=rel/out", sys.executable, "-m"]  # fmt: skip
+    assert not any(arg.startswith("WANDB_API_KEY") for arg in command)
     cfg = yaml.safe_load(result.stdout)
     trainer = cfg["trainer"]
     assert (trainer["nnodes"], trainer["n_gpus_per_node"], trainer["project_name"], trainer["experiment_name"]) == (
@@ -348,17 +373,38 @@ def test_mini_batch_split_over_the_gpus_is_checked_before_launch(env: dict[str, 
     assert "Traceback" not in result.stderr  # the message, not a stack trace
 
 
-def test_bad_environment_variable_is_named() -> None:
-    result = run_script("run_luffy_qwen2_5vl_7b.sh", {**os.environ, "NNODES": "two"}, "--dry-run")
-    assert result.returncode == 1 and "error: NNODES='two' must be a positive integer" in result.stderr
+def test_bad_environment_variable_is_named(env: dict[str, str]) -> None:
+    result = run_script("run_luffy_qwen2_5vl_7b.sh", {**env, "NNODES": "two"}, "--dry-run")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: trainer.nnodes: NNODES='two' must be a positive integer" in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
 
 
 def test_help_lists_the_environment() -> None:
     result = run_script("run_grpo_qwen2_5vl_7b.sh", dict(os.environ), "--help")
     assert result.returncode == 0
-    for text in ("GRPO baseline", "recipes/grpo_qwen2_5vl_7b.yaml", "TRAIN_FILES", "DRY_RUN", "ray start --head"):
+    for text in ("GRPO baseline", "recipes/grpo_qwen2_5vl_7b.yaml", "DRY_RUN", "PYTHON", "ray start --head"):
         assert text in result.stdout, text
+    # every variable the recipes read, with the key it sets
+    for name, key in (("MODEL_PATH", "actor_rollout_ref.model.path"), ("TRAIN_FILES", "data.train_files"),
+                      ("VAL_FILES", "data.val_files"), ("NNODES", "trainer.nnodes"),
+                      ("N_GPUS_PER_NODE", "trainer.n_gpus_per_node"), ("PROJECT", "trainer.project_name"),
+                      ("EXP", "trainer.experiment_name"), ("OUTPUT_DIR", "trainer.default_local_dir"),
+                      ("WANDB_API_KEY", "trainer.logger")):  # fmt: skip
+        assert re.search(rf"^  {name} +{re.escape(key)}", result.stdout, re.M), name
     assert "set -euo pipefail" not in result.stdout  # the header only
+
+
+def test_empty_variables_keep_the_recipe_s_values(env: dict[str, str]) -> None:
+    """As the help says (and the bash launcher did): an empty variable is an unset one, not an empty value."""
+    empty = {name: "" for name in ("MODEL_PATH", "NNODES", "N_GPUS_PER_NODE", "PROJECT", "EXP", "OUTPUT_DIR")}
+    result = run_script("run_calibrl_qwen2_5vl_3b.sh", {**env, **empty}, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = yaml.safe_load(result.stdout)
+    trainer = cfg["trainer"]
+    assert (cfg["actor_rollout_ref"]["model"]["path"], trainer["nnodes"], trainer["n_gpus_per_node"]) == (
+        "Qwen/Qwen2.5-VL-3B-Instruct", 1, 8)  # fmt: skip
+    assert trainer["default_local_dir"] == f"{REPO}/checkpoints/calibrl/calibrl_qwen2_5vl_3b"
 
 
 # -- text-only reasoning recipes ------------------------------------------------------------------------------
@@ -378,16 +424,20 @@ def test_text_recipe_is_the_vl_recipe_with_text_data_and_model(recipe: str) -> N
     vl, text = compose_recipe(f"{method}_qwen2_5vl_7b", []), compose_recipe(recipe, [])
     unresolved = OmegaConf.to_container  # keys interpolated from these (rollout.prompt_length, ...) follow them
     assert differences(unresolved(vl), unresolved(text)) == [
-        ".actor_rollout_ref.model.path: 'Qwen/Qwen2.5-VL-7B-Instruct' != 'Qwen/Qwen2.5-Math-7B'",
+        ".actor_rollout_ref.model.path: '${oc.env:MODEL_PATH,Qwen/Qwen2.5-VL-7B-Instruct}' != "
+        "'${oc.env:MODEL_PATH,Qwen/Qwen2.5-Math-7B}'",
         ".actor_rollout_ref.rollout.tensor_model_parallel_size: 2 != 1",
         ".calibrl.expert_overlong: 'truncate' != 'drop'",
         ".data.max_prompt_length: 20480 != 1024",
         ".data.max_response_length: 4096 != 3072",
         ".data.mm_processor_kwargs.max_pixels: 1003520 != '<absent>'",  # no images: no pixel cap
         ".data.mm_processor_kwargs.min_pixels: 3136 != '<absent>'",
-        ".data.train_files: ['data/virl39k/train.parquet'] != ['data/openr1_math/train.parquet']",
-        ".data.val_files: ['data/geometry3k/test.parquet', 'data/geoqa/test.parquet'] != ['data/math500/test.parquet']",
-        ".trainer.experiment_name: '${calibrl.loss_mode}_qwen2_5vl_7b' != '${calibrl.loss_mode}_qwen2_5_math_7b'",
+        ".data.train_files: '${calibrl_env_files:TRAIN_FILES,data/virl39k/train.parquet}' != "
+        "'${calibrl_env_files:TRAIN_FILES,data/openr1_math/train.parquet}'",
+        ".data.val_files: '${calibrl_env_files:VAL_FILES,data/geometry3k/test.parquet,data/geoqa/test.parquet}' != "
+        "'${calibrl_env_files:VAL_FILES,data/math500/test.parquet}'",
+        ".trainer.experiment_name: '${oc.env:EXP,${calibrl.loss_mode}_qwen2_5vl_7b}' != "
+        "'${oc.env:EXP,${calibrl.loss_mode}_qwen2_5_math_7b}'",
     ]  # fmt: skip
 
 
@@ -411,10 +461,9 @@ def test_text_recipe_passes_verl_validation(recipe: str) -> None:
         assert per_gpu % rollout.log_prob_micro_batch_size_per_gpu == 0
 
 
-def _printed_data_files(result: subprocess.CompletedProcess) -> tuple[str, str]:
-    command = printed_command(result.stderr)
-    train = next(arg for arg in command if arg.startswith("data.train_files="))
-    return train, next(arg for arg in command if arg.startswith("data.val_files="))
+def _printed_data_files(result: subprocess.CompletedProcess) -> tuple[list[str], list[str]]:
+    data = yaml.safe_load(result.stdout)["data"]
+    return data["train_files"], data["val_files"]
 
 
 def test_text_run_script_defaults_to_the_text_data(env: dict[str, str]) -> None:
@@ -423,16 +472,16 @@ def test_text_run_script_defaults_to_the_text_data(env: dict[str, str]) -> None:
     bare = {k: v for k, v in env.items() if k not in ("TRAIN_FILES", "VAL_FILES")}
     result = run_script("run_calibrl_qwen2_5_math_7b.sh", bare, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _printed_data_files(result) == (f"data.train_files=[{REPO}/data/openr1_math/train.parquet]",
-                                           f"data.val_files=[{REPO}/data/math500/test.parquet]")  # fmt: skip
+    assert _printed_data_files(result) == ([f"{REPO}/data/openr1_math/train.parquet"],
+                                           [f"{REPO}/data/math500/test.parquet"])  # fmt: skip
     result = run_script("run_grpo_qwen2_5vl_7b.sh", bare, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _printed_data_files(result) == (
-        f"data.train_files=[{REPO}/data/virl39k/train.parquet]",
-        f"data.val_files=[{REPO}/data/geometry3k/test.parquet,{REPO}/data/geoqa/test.parquet]")  # fmt: skip
+        [f"{REPO}/data/virl39k/train.parquet"],
+        [f"{REPO}/data/geometry3k/test.parquet", f"{REPO}/data/geoqa/test.parquet"])  # fmt: skip
     result = run_script("run_luffy_qwen2_5_math_7b.sh", env, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _printed_data_files(result)[0] == f"data.train_files=[{env['TRAIN_FILES']}]"
+    assert _printed_data_files(result)[0] == [env["TRAIN_FILES"]]
     cfg = yaml.safe_load(result.stdout)
     assert cfg["actor_rollout_ref"]["model"]["path"] == "Qwen/Qwen2.5-Math-7B"
 
@@ -490,7 +539,7 @@ def test_wandb_joins_the_loggers_after_wandb_login(env: dict[str, str], tmp_path
     home.mkdir()
     if logged_in:
         (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
-    clean = {k: v for k, v in env.items() if k not in ("WANDB_API_KEY", "NETRC")}
+    clean = {k: v for k, v in env.items() if k not in ("WANDB_API_KEY", "NETRC")}  # ~/.netrc, under HOME
     result = run_script("run_calibrl_qwen2_5vl_7b.sh", {**clean, "HOME": str(home)}, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     loggers = yaml.safe_load(result.stdout)["trainer"]["logger"]
@@ -521,8 +570,9 @@ def test_lora_recipe_is_the_full_recipe_with_lora_lr_and_four_gpus(recipe: str) 
         ".actor_rollout_ref.model.lora_alpha: 16 != 64",
         ".actor_rollout_ref.model.lora_rank: 0 != 32",
         ".actor_rollout_ref.rollout.load_format: 'dummy' != 'safetensors'",
-        ".trainer.experiment_name: '${calibrl.loss_mode}_qwen2_5vl_7b' != '${calibrl.loss_mode}_qwen2_5vl_7b_lora'",
-        ".trainer.n_gpus_per_node: 8 != 4",
+        ".trainer.experiment_name: '${oc.env:EXP,${calibrl.loss_mode}_qwen2_5vl_7b}' != "
+        "'${oc.env:EXP,${calibrl.loss_mode}_qwen2_5vl_7b_lora}'",
+        ".trainer.n_gpus_per_node: '${calibrl_env_int:N_GPUS_PER_NODE,8}' != '${calibrl_env_int:N_GPUS_PER_NODE,4}'",
     ]  # fmt: skip
     for key, value in LORA_KEYS.items():
         assert OmegaConf.select(cfg, key) == value, key

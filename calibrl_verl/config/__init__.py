@@ -4,8 +4,9 @@ Every key is overridable with Hydra (``calibrl.alpha=0.3``). ``CalibRLConfig.fro
 OmegaConf node or a plain mapping, rejects unknown keys, and raises ``CalibRLConfigError`` naming the key,
 the value and what is allowed, before any Ray worker or GPU is started.
 
-Importing this module registers the ``calibrl_rollout_n`` OmegaConf resolver, with which ``calibrl_base.yaml``
-derives ``actor_rollout_ref.rollout.n`` from ``calibrl.n_onpolicy`` (see ``rollout_n``).
+Importing this module registers CalibRL's OmegaConf resolvers (``calibrl_verl.config.resolvers``, where they are
+all listed): ``calibrl_rollout_n``, with which ``calibrl_base.yaml`` derives ``actor_rollout_ref.rollout.n`` from
+``calibrl.n_onpolicy`` (see ``rollout_n``), and those with which the recipes read their environment variables.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
-
-from omegaconf import OmegaConf
 
 from calibrl_verl.core_algos import GAP_MODES, SEQUENCE_NORMS, TAIL_MODES
 
@@ -161,8 +160,9 @@ def rollout_n(n_onpolicy: Any, experts_per_group: Any, loss_mode: Any) -> int:
     return CalibRLConfig(loss_mode=loss_mode, experts_per_group=experts_per_group, n_onpolicy=n_onpolicy).rollout_n
 
 
-# replace=True: a re-import (tests, notebooks) re-registers the same function instead of failing
-OmegaConf.register_new_resolver("calibrl_rollout_n", rollout_n, replace=True)
+from calibrl_verl.config import resolvers  # noqa: E402  (after CalibRLConfigError, which it subclasses)
+
+resolvers.register()
 
 
 def _to_plain_dict(node: Any) -> dict[str, Any]:
