@@ -64,10 +64,10 @@ def test_the_real_recipe_trains_one_step_on_the_tiny_model(recipe: str, tmp_path
 LORA_RECIPE = "calibrl_qwen2_5vl_7b_lora"
 # The recipe's lr (1e-5) moves a fresh adapter (lora_B starts at 0) so little that vLLM serving the bare base model
 # would still match the actor; 1e-2 makes the first update move the model far enough for the rollout check to fail.
-# Measured on the tiny model (seed-0 assets): step 2's mean |p_rollout - p_actor| is 7.4e-7 with the adapter served,
-# while the step-1 adapter moves the probabilities of sampled tokens by 0.017 on average (max 0.28) from the base
-# model's: what the check would see if vLLM ignored the adapter. smoke.MAX_ROLLOUT_PROB_DIFF (0.02, made for vLLM's
-# random dummy weights) would not tell the two apart; this bound does.
+# Measured on the tiny model (seed-0 assets), step 2's mean |p_rollout - p_actor|: 7.4e-7 and 1.4e-6 in two runs with
+# the adapter served, 1.5e-2 (max 0.26) in a control run whose vLLM server generated without the LoRA request (the
+# adapter synced but unused; step 1, with lora_B still 0, gave 4e-7 there too). smoke.MAX_ROLLOUT_PROB_DIFF (0.02,
+# made for vLLM's random dummy weights) would not tell the two apart; this bound does.
 LORA_LR = 1e-2
 MAX_LORA_ROLLOUT_DIFF = 1e-3
 
