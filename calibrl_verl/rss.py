@@ -30,7 +30,7 @@ Info = dict[int, tuple[int, str, int]]  # pid -> (parent pid, title, RSS bytes)
 def process_title(proc: psutil.Process) -> str:
     """What Ray / vLLM set as the process title (``ray::WorkerDict.update_actor``), else its name."""
     try:
-        return " ".join(proc.cmdline())[:120] or proc.name()
+        return " ".join(proc.cmdline()).strip()[:120] or proc.name()  # Ray pads its titles with spaces
     except psutil.Error:
         return "?"
 

@@ -21,8 +21,9 @@ Growth: per group, a least-squares line of end-of-step RSS (MB = 2**20 bytes) on
 after ``--warmup`` (vLLM's and the allocator's first steps). Reported: the slope (MB/step), the noise (residual
 standard deviation, n - 2 degrees of freedom), the drift the line predicts over the fitted window
 (slope x (last step - first step)) and t = slope / its standard error. Rule: a group GROWS when its drift is
-more than 3 x the noise AND t > 3 (the drift stands out of the step-to-step scatter, and the slope is not a
-chance tilt of it); otherwise "flat". The verdict covers driver, actor and rollout; rest and total are shown.
+more than 3 x the noise and more than 1 MB AND t > 3 (the drift stands out of the step-to-step scatter and of
+page granularity, and the slope is not a chance tilt of it); otherwise "flat". No verdict from fewer than 10
+fitted steps. The verdict covers driver, actor and rollout; rest and total are shown.
 
 Checkpoints: every ``global_step_N`` expected (each multiple of K, and the last step) must be complete by
 ``calibrl_verl.integration.checkpoints`` (actor shards, ``fsdp_config.json``, ``data.pt``; and the tracker
@@ -33,7 +34,8 @@ key matched (tied weights aside) and every value finite. Each checkpoint's weigh
 previous one's (training moved them).
 
 Writes ``summary.json`` and ``report.txt`` (one screen, also printed) into ``--out``; the launch's metrics,
-log and checkpoints are in ``<out>/run``. Exits 1 when the run failed, a group grows, or a checkpoint fails.
+log and checkpoints are in ``<out>/run``. Exits 0 on PASS; 1 (FAIL) when the run failed, a judged group grows, or
+a checkpoint fails; 2 (NOT JUDGED) when all else passed but fewer than 10 steps were fitted.
 Needs about 13.5 GB of RAM (docs/benchmarks.md); run nothing heavy beside it.
 """
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -58,6 +61,8 @@ GROUPS = ("driver", "actor", "rollout", "rest", "total")
 VERDICT_GROUPS = ("driver", "actor", "rollout")
 NOISE_SIGMAS = 3.0
 MIN_T = 3.0
+MIN_DRIFT_MB = 1.0  # below this over the whole window, a few pages: not resolvable by a run of this length
+MIN_POINTS = 10  # fewer fitted steps give no verdict (t > 3 is a 10% chance with 2 degrees of freedom)
 SAVE_CONTENTS = ("model", "optimizer", "extra")  # verl's default actor.checkpoint.save_contents
 CSV_FIELDS = ["step", "t_s", "step_s"] + [f"{g}_{k}" for g in GROUPS for k in ("mb", "peak_mb", "procs")]
 
@@ -100,13 +105,15 @@ def fit_line(xs: list[float], ys: list[float]) -> Fit:
                slope * (max(xs) - min(xs)))
 
 
-def grows(fit: Fit, sigmas: float = NOISE_SIGMAS, min_t: float = MIN_T) -> bool:
-    """Growth beyond noise: the drift over the window is above ``sigmas`` x the residual std and t > ``min_t``."""
-    return fit.drift > sigmas * fit.resid_std and fit.t > min_t
+def grows(fit: Fit, sigmas: float = NOISE_SIGMAS, min_t: float = MIN_T, min_drift: float = MIN_DRIFT_MB) -> bool:
+    """Growth beyond noise: the drift over the window is above ``sigmas`` x the residual std and above
+    ``min_drift`` MB, and t > ``min_t``."""
+    return fit.drift > max(sigmas * fit.resid_std, min_drift) and fit.t > min_t
 
 
-def fit_groups(rows: list[dict[str, Any]], warmup: int) -> dict[str, dict[str, Any]]:
-    """Per group: the fit of end-of-step RSS over the steps after ``warmup``, its verdict, first/last/peak MB."""
+def fit_groups(rows: list[dict[str, Any]], warmup: int, min_points: int = MIN_POINTS) -> dict[str, dict[str, Any]]:
+    """Per group: the fit of end-of-step RSS over the steps after ``warmup``, its verdict (None with fewer than
+    ``min_points`` fitted steps), first/last/peak MB."""
     kept = [r for r in rows if r["step"] > warmup]
     out: dict[str, dict[str, Any]] = {}
     for g in GROUPS:
@@ -121,7 +128,9 @@ def fit_groups(rows: list[dict[str, Any]], warmup: int) -> dict[str, dict[str, A
         except ValueError as exc:
             entry.update(fit=None, grows=None, why=str(exc))
         else:
-            entry.update(fit={**asdict(fit), "t": fit.t}, grows=grows(fit))
+            entry.update(fit={**asdict(fit), "t": fit.t}, grows=grows(fit) if len(pts) >= min_points else None)
+            if len(pts) < min_points:
+                entry["why"] = f"{len(pts)} fitted steps, a verdict needs {min_points}"
         out[g] = entry
     return out
 
@@ -141,7 +150,7 @@ def process_slopes(per_step: list[dict[str, Any]], warmup: int, top: int = 5) ->
             fit = fit_line([p[0] for p in pts], [p[1] for p in pts])
         except ValueError:
             continue
-        found.append({"pid": pid, "role": pts[-1][2], "title": pts[-1][3][:60], "slope": fit.slope,
+        found.append({"pid": pid, "role": pts[-1][2], "title": pts[-1][3].strip()[:60], "slope": fit.slope,
                       "resid_std": fit.resid_std, "last_mb": pts[-1][1], "grows": grows(fit)})
     return sorted(found, key=lambda p: -p["slope"])[:top]
 
@@ -274,6 +283,8 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch.distributed.tensor  # noqa: F401 - registers DTensor for weights_only loads of FSDP2 shards
     import transformers
 
+    # "pickling/unpickling of the DeviceMesh occurred before the PGs were created": expected, no process group here
+    logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)
     actor = folder / "actor"
     errors: list[str] = []
     world = int(json.loads((actor / "fsdp_config.json").read_text())["world_size"])
@@ -404,13 +415,21 @@ def summarize(out: Path, run_record: dict[str, Any], warmup: int | None) -> dict
     groups = fit_groups(rows, warmup)
     ckpt = check_checkpoints(out / "run" / "checkpoints", steps, save_freq)
     step_s = [float(r["step_s"]) for r in rows if r["step"] > warmup and r["step_s"] != ""]
+    metrics = out / "run" / "metrics.jsonl"
+    saves = [d["timing_s/save_checkpoint"] for d in launch.read_steps(metrics)
+             if "timing_s/save_checkpoint" in d] if metrics.exists() else []
     run_ok = run_record["error"] is None and run_record["steps_logged"] == steps and len(rows) > 0
-    flat = all(groups[g]["grows"] is False for g in VERDICT_GROUPS)
+    judged = [groups[g]["grows"] for g in VERDICT_GROUPS]
+    memory = "GROWS" if any(judged) else "flat" if all(v is False for v in judged) else "not judged"
+    verdict = ("PASS" if run_ok and ckpt["ok"] and memory == "flat" else
+               "NOT JUDGED" if run_ok and ckpt["ok"] and memory == "not judged" else "FAIL")
     return {"run": run_record, "warmup": warmup, "rows": len(rows),
-            "rule": f"grows when drift over the fitted steps > {NOISE_SIGMAS:g} x residual std and t > {MIN_T:g}",
-            "median_step_s": statistics.median(step_s) if step_s else None, "groups": groups,
+            "rule": f"grows when drift over the fitted steps > max({NOISE_SIGMAS:g} x residual std, {MIN_DRIFT_MB:g} "
+                    f"MB) and t > {MIN_T:g}, judged from {MIN_POINTS} fitted steps",
+            "median_step_s": statistics.median(step_s) if step_s else None,
+            "median_save_s": statistics.median(saves) if saves else None, "groups": groups,
             "steepest_processes": process_slopes(per_step, warmup), "checkpoints": ckpt,
-            "pass": run_ok and flat and ckpt["ok"], "run_ok": run_ok, "memory_flat": flat}
+            "verdict": verdict, "pass": verdict == "PASS", "run_ok": run_ok, "memory": memory}
 
 
 def default_warmup(steps: int) -> int:
@@ -422,7 +441,8 @@ def report(summary: dict[str, Any]) -> str:
     med = summary["median_step_s"]
     lines = [
         f"soak: {r['steps_logged']}/{r['steps']} steps of the tiny {r['loss_mode']} recipe, checkpoint every "
-        f"{r['save_freq']}, {r['wall_s']:.0f} s wall ({r['date']}); median step {med:.2f} s" if med else
+        f"{r['save_freq']}, {r['wall_s']:.0f} s wall ({r['date']}); median step {med:.2f} s"
+        + (f", median save {summary['median_save_s']:.2f} s" if summary.get("median_save_s") else "") if med else
         f"soak: {r['steps_logged']}/{r['steps']} steps, {r['wall_s']:.0f} s wall ({r['date']})",
         f"RSS (MB = 2^20 B) at the end of each step, {summary['rows']} rows; fitted: steps > {summary['warmup']} "
         f"(warm-up left out); {summary['rule']}",
@@ -440,7 +460,8 @@ def report(summary: dict[str, Any]) -> str:
             table.append([g, procs, f"{e['first_mb']:.0f}", f"{e['last_mb']:.0f}", f"{e['peak_mb']:.0f}", "-", "-",
                           "-", "-", "too few steps"])
             continue
-        verdict = ("GROWS" if e["grows"] else "flat") + ("" if g in VERDICT_GROUPS else " (shown)")
+        verdict = {True: "GROWS", False: "flat", None: "not judged"}[e["grows"]]
+        verdict += "" if g in VERDICT_GROUPS else " (shown)"
         table.append([g, procs, f"{e['first_mb']:.0f}", f"{e['last_mb']:.0f}", f"{e['peak_mb']:.0f}",
                       f"{f['slope']:+.3f}", f"{f['resid_std']:.2f}", f"{f['drift']:+.1f}", f"{f['t']:+.1f}", verdict])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -448,8 +469,8 @@ def report(summary: dict[str, Any]) -> str:
               for row in table]
     steep = summary["steepest_processes"][:3]
     if steep:
-        lines.append("steepest processes: " + "; ".join(f"{p['role']} {p['title'][:40]!r} {p['slope']:+.3f} MB/step"
-                                                         for p in steep))
+        lines.append("steepest processes: " + "; ".join(
+            f"{p['role']} {p['title'].strip()[:40]!r} {p['slope']:+.3f} MB/step" for p in steep))
     lines.append(f"checkpoints: expected {ck['expected']}; complete on disk {ck['complete_on_disk']}; tracker "
                  f"{ck['tracker']}")
     for c in ck["checkpoints"]:
@@ -462,9 +483,10 @@ def report(summary: dict[str, Any]) -> str:
     if r["error"] or r.get("sampler_error"):
         lines.append(f"run error: {(r['error'] or '').splitlines()[0] if r['error'] else ''} "
                      f"{r.get('sampler_error') or ''}".strip())
-    lines.append(f"VERDICT: {'PASS' if summary['pass'] else 'FAIL'} (run {'ok' if summary['run_ok'] else 'FAILED'}; "
-                 f"memory of {'/'.join(VERDICT_GROUPS)} {'flat' if summary['memory_flat'] else 'GROWS or unfitted'}; "
-                 f"checkpoints {'all loadable' if ck['ok'] else 'FAIL'})")
+    why = next((groups[g]["why"] for g in VERDICT_GROUPS if groups[g].get("why")), "")
+    memory = summary["memory"] + (f" ({why})" if summary["memory"] == "not judged" else "")
+    lines.append(f"VERDICT: {summary['verdict']} (run {'ok' if summary['run_ok'] else 'FAILED'}; memory of "
+                 f"{'/'.join(VERDICT_GROUPS)} {memory}; checkpoints {'all loadable' if ck['ok'] else 'FAIL'})")
     return "\n".join(lines)
 
 
@@ -502,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "report.txt").write_text(text + "\n")
     print(text)
-    return 0 if summary["pass"] else 1
+    return {"PASS": 0, "FAIL": 1, "NOT JUDGED": 2}[summary["verdict"]]
 
 
 if __name__ == "__main__":

@@ -38,12 +38,17 @@ def test_slope_noise_and_verdict_match_a_hand_computation() -> None:
     assert not soak.grows(fit)
     assert soak.grows(fit, min_t=2.5)
     assert not soak.grows(fit, sigmas=3.5, min_t=2.5)  # 4.4 < 3.5 x 1.304 = 4.56
+    assert not soak.grows(fit, min_t=2.5, min_drift=5.0)  # 4.4 MB < the 5 MB floor
 
 
 def test_a_clean_ramp_grows_and_a_flat_or_falling_series_does_not() -> None:
     ramp = soak.fit_line([10, 20, 30, 40], [100.0, 100.5, 101.0, 101.5])  # 0.05 MB/step, no noise at all
     assert ramp.slope == pytest.approx(0.05) and ramp.resid_std == pytest.approx(0, abs=1e-9)
-    assert ramp.t == math.inf and soak.grows(ramp)
+    assert ramp.t == math.inf and soak.grows(ramp)  # drift 1.5 MB over the window, above the 1 MB floor
+    # one 4 KiB page added once, halfway through 12 steps: beyond its (tiny) noise with t 5.6, but under the floor
+    pages = soak.fit_line(list(range(1, 13)), [100.0] * 6 + [100.004] * 6)
+    assert pages.t > 5 and 3 * pages.resid_std < pages.drift < soak.MIN_DRIFT_MB
+    assert soak.grows(pages, min_drift=0) and not soak.grows(pages)
     flat = soak.fit_line([1, 2, 3, 4], [50.0, 50.0, 50.0, 50.0])
     assert flat.slope == 0 and flat.t == 0 and not soak.grows(flat)
     falling = soak.fit_line([1, 2, 3, 4], [50.0, 49.0, 48.0, 47.0])
@@ -67,13 +72,16 @@ def _row(step: int, **mb: float) -> dict:
 def test_warmup_steps_are_left_out_of_the_fit() -> None:
     # steps 1-2 climb (warm-up), steps 3..6 are flat except the actor, which climbs 2 MB a step
     rows = [_row(s, driver=50 + (s <= 2) * (s - 3) * 40, actor=200 + 2 * s, rollout=300) for s in range(1, 7)]
-    groups = soak.fit_groups(rows, warmup=2)
+    groups = soak.fit_groups(rows, warmup=2, min_points=4)
     assert groups["driver"]["points"] == 4 and groups["driver"]["fit"]["slope"] == 0
     assert groups["driver"]["grows"] is False
     assert groups["actor"]["fit"]["slope"] == pytest.approx(2) and groups["actor"]["grows"] is True
     assert groups["actor"]["first_mb"] == 206 and groups["actor"]["last_mb"] == 212
-    assert soak.fit_groups(rows, warmup=0)["driver"]["fit"]["slope"] > 0
+    assert soak.fit_groups(rows, warmup=0, min_points=4)["driver"]["fit"]["slope"] > 0
     assert soak.fit_groups(rows[:4], warmup=2)["actor"]["fit"] is None  # 2 points after the warm-up
+    unjudged = soak.fit_groups(rows, warmup=2)["actor"]  # 4 fitted steps: the fit, but no verdict
+    assert unjudged["fit"]["slope"] == pytest.approx(2) and unjudged["grows"] is None
+    assert unjudged["why"] == "4 fitted steps, a verdict needs 10"
     assert soak.default_warmup(200) == 10 and soak.default_warmup(6) == 2
 
 
@@ -204,25 +212,27 @@ def _save(root: Path, step: int, model, drop_key: str | None = None) -> None:
     (root / "latest_checkpointed_iteration.txt").write_text(str(step))
 
 
-def _soak_dir(tmp_path: Path, actor_slope: float = 0.0) -> Path:
+def _soak_dir(tmp_path: Path, actor_slope: float = 0.0, steps: int = 6, save_freq: int = 2) -> Path:
+    """A soak output folder as the command leaves it: rss.csv, rss_processes.jsonl, the run's record, checkpoints."""
     out = tmp_path / "soak"
     root = out / "run" / "checkpoints"
     model = _tiny_model()
-    for step in (2, 4, 6):
+    for step in soak.expected_steps(steps, save_freq):
         with torch.no_grad():
             model.model.embed_tokens.weight.add_(0.01)
         _save(root, step, model)
+    # flat groups with a little alternating scatter; the actor climbs actor_slope MB a step
     rows = [_row(s, driver=900 + (s % 2) * 0.5, actor=2000 + actor_slope * s, rollout=4200 - (s % 2) * 0.4)
-            for s in range(1, 7)]
+            for s in range(1, steps + 1)]
     with open(out / "rss.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=soak.CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     (out / "rss_processes.jsonl").write_text("".join(
-        json.dumps({"step": s, "processes": [[11, "actor", "ray::WorkerDict", 2000 + actor_slope * s]]}) + "\n"
-        for s in range(1, 7)))
-    run = {"steps": 6, "save_freq": 2, "loss_mode": "calibrl", "overrides": [], "wall_s": 100.0, "steps_logged": 6,
-           "error": None, "sampler_error": None, "date": "2026-12-07 22:00 UTC"}
+        json.dumps({"step": s, "processes": [[11, "actor", "ray::WorkerDict   ", 2000 + actor_slope * s]]}) + "\n"
+        for s in range(1, steps + 1)))
+    run = {"steps": steps, "save_freq": save_freq, "loss_mode": "calibrl", "overrides": [], "wall_s": 100.0,
+           "steps_logged": steps, "error": None, "sampler_error": None, "date": "2026-12-07 22:00 UTC"}
     (out / "summary.json").write_text(json.dumps({"run": run}))
     return out
 
@@ -260,16 +270,21 @@ def shutil_rmtree(path: Path) -> None:
 
 
 def test_report_of_a_saved_run_passes_flat_memory_and_fails_growth(tmp_path: Path, capsys) -> None:
-    out = _soak_dir(tmp_path)
-    assert soak.main(["--report", str(out)]) == 0
+    out = _soak_dir(tmp_path, steps=12, save_freq=4)
+    assert soak.main(["--report", str(out), "--warmup", "1"]) == 0  # 11 fitted steps
     text = capsys.readouterr().out
-    assert "VERDICT: PASS" in text and "global_step_6: complete, loaded (11 tensors" in text
+    assert "VERDICT: PASS" in text and "global_step_12: complete, loaded (11 tensors" in text
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["warmup"] == 2 and summary["groups"]["actor"]["grows"] is False
+    assert summary["warmup"] == 1 and summary["groups"]["actor"]["grows"] is False
+    assert summary["checkpoints"]["expected"] == [4, 8, 12]
     assert (out / "report.txt").read_text() == text
+    # the default warm-up (min(10, 12 // 3) = 4) leaves 8 fitted steps: no verdict, exit 2
+    assert soak.main(["--report", str(out)]) == 2
+    assert "VERDICT: NOT JUDGED" in capsys.readouterr().out
 
-    grown = _soak_dir(tmp_path / "grown", actor_slope=5.0)
+    grown = _soak_dir(tmp_path / "grown", actor_slope=5.0, steps=12, save_freq=4)
     assert soak.main(["--report", str(grown), "--warmup", "1"]) == 1
     text = capsys.readouterr().out
     assert "VERDICT: FAIL" in text and "GROWS" in text and "+5.000" in text
+    assert "actor 'ray::WorkerDict' +5.000 MB/step" in text
     assert json.loads((grown / "summary.json").read_text())["steepest_processes"][0]["slope"] == pytest.approx(5)
