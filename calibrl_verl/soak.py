@@ -20,10 +20,13 @@ TransferQueue, agent-loop and reward workers; total = all of them. Between steps
 Growth: per group, a least-squares line of end-of-step RSS (MB = 2**20 bytes) on the step number over the steps
 after ``--warmup`` (vLLM's and the allocator's first steps). Reported: the slope (MB/step), the noise (residual
 standard deviation, n - 2 degrees of freedom), the drift the line predicts over the fitted window
-(slope x (last step - first step)) and t = slope / its standard error. Rule: a group GROWS when its drift is
-more than 3 x the noise and more than 1 MB AND t > 3 (the drift stands out of the step-to-step scatter and of
-page granularity, and the slope is not a chance tilt of it); otherwise "flat". No verdict from fewer than 10
-fitted steps. The verdict covers driver, actor and rollout; rest and total are shown.
+(slope x (last step - first step)) and t = slope / its standard error; the same for the later half of the fitted
+steps ("late"). The whole window's line grows when its drift is more than 3 x its noise and more than 1 MB AND
+t > 3 (the drift stands out of the step-to-step scatter and of page granularity, and the slope is not a chance
+tilt of it). A group GROWS when that line grows and the late slope is still above chance (late t > 3: it keeps
+rising to the end, as a leak does); "flat (settled)" when the line grows but the late slope is not (memory still
+settling after the warm-up, level by the end); otherwise "flat". No verdict from fewer than 10 fitted steps.
+The verdict covers driver, actor and rollout; rest and total are shown.
 
 Checkpoints: every ``global_step_N`` expected (each multiple of K, and the last step) must be complete by
 ``calibrl_verl.integration.checkpoints`` (actor shards, ``fsdp_config.json``, ``data.pt``; and the tracker
@@ -112,8 +115,12 @@ def grows(fit: Fit, sigmas: float = NOISE_SIGMAS, min_t: float = MIN_T, min_drif
 
 
 def fit_groups(rows: list[dict[str, Any]], warmup: int, min_points: int = MIN_POINTS) -> dict[str, dict[str, Any]]:
-    """Per group: the fit of end-of-step RSS over the steps after ``warmup``, its verdict (None with fewer than
-    ``min_points`` fitted steps), first/last/peak MB."""
+    """Per group: the fit of end-of-step RSS over the steps after ``warmup`` and over the later half of them, the
+    verdict (None with fewer than ``min_points`` fitted steps), first/last/peak MB.
+
+    A group grows when the whole window's line grows (``grows``) and the later half's slope is still above chance
+    (t > ``MIN_T``): a leak keeps rising to the end, while memory still settling after the warm-up rises early and
+    then stays level ("settled": no slope left in the later half)."""
     kept = [r for r in rows if r["step"] > warmup]
     out: dict[str, dict[str, Any]] = {}
     for g in GROUPS:
@@ -123,14 +130,20 @@ def fit_groups(rows: list[dict[str, Any]], warmup: int, min_points: int = MIN_PO
             entry.update(first_mb=pts[0][1], last_mb=pts[-1][1], mean_mb=statistics.fmean(y for _, y in pts),
                          peak_mb=max(float(r[f"{g}_peak_mb"]) for r in kept),
                          procs=sorted({int(r[f"{g}_procs"]) for r in kept}))
+        late_pts = pts[len(pts) // 2:]
         try:
             fit = fit_line([x for x, _ in pts], [y for _, y in pts])
         except ValueError as exc:
-            entry.update(fit=None, grows=None, why=str(exc))
+            entry.update(fit=None, late_fit=None, grows=None, settled=None, why=str(exc))
+            out[g] = entry
+            continue
+        late = fit_line([x for x, _ in late_pts], [y for _, y in late_pts]) if len(late_pts) >= 3 else None
+        entry.update(fit={**asdict(fit), "t": fit.t}, late_fit=late and {**asdict(late), "t": late.t})
+        if len(pts) < min_points:
+            entry.update(grows=None, settled=None, why=f"{len(pts)} fitted steps, a verdict needs {min_points}")
         else:
-            entry.update(fit={**asdict(fit), "t": fit.t}, grows=grows(fit) if len(pts) >= min_points else None)
-            if len(pts) < min_points:
-                entry["why"] = f"{len(pts)} fitted steps, a verdict needs {min_points}"
+            still = late is None or late.t > MIN_T
+            entry.update(grows=grows(fit) and still, settled=grows(fit) and not still)
         out[g] = entry
     return out
 
@@ -424,8 +437,9 @@ def summarize(out: Path, run_record: dict[str, Any], warmup: int | None) -> dict
     verdict = ("PASS" if run_ok and ckpt["ok"] and memory == "flat" else
                "NOT JUDGED" if run_ok and ckpt["ok"] and memory == "not judged" else "FAIL")
     return {"run": run_record, "warmup": warmup, "rows": len(rows),
-            "rule": f"grows when drift over the fitted steps > max({NOISE_SIGMAS:g} x residual std, {MIN_DRIFT_MB:g} "
-                    f"MB) and t > {MIN_T:g}, judged from {MIN_POINTS} fitted steps",
+            "rule": f"grows when drift > max({NOISE_SIGMAS:g} x residual std, {MIN_DRIFT_MB:g} MB) and t > {MIN_T:g} "
+                    f"over the fitted steps, and late t > {MIN_T:g} over their later half; judged from {MIN_POINTS} "
+                    "fitted steps",
             "median_step_s": statistics.median(step_s) if step_s else None,
             "median_save_s": statistics.median(saves) if saves else None, "groups": groups,
             "steepest_processes": process_slopes(per_step, warmup), "checkpoints": ckpt,
@@ -434,6 +448,11 @@ def summarize(out: Path, run_record: dict[str, Any], warmup: int | None) -> dict
 
 def default_warmup(steps: int) -> int:
     return min(10, steps // 3)
+
+
+def short_title(title: str, width: int = 40) -> str:
+    """A process title with each path cut to its last part (``./ray/dashboard.py`` -> ``dashboard.py``)."""
+    return " ".join(t.rsplit("/", 1)[-1] if "/" in t else t for t in title.split())[:width]
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -447,30 +466,34 @@ def report(summary: dict[str, Any]) -> str:
         f"RSS (MB = 2^20 B) at the end of each step, {summary['rows']} rows; fitted: steps > {summary['warmup']} "
         f"(warm-up left out); {summary['rule']}",
     ]
-    head = ["group", "procs", "first", "last", "peak", "slope MB/step", "noise MB", "drift MB", "t", "verdict"]
+    head = ["group", "procs", "first", "last", "peak", "slope MB/step", "noise MB", "drift MB", "t", "late slope",
+            "late t", "verdict"]
     table = [head]
     for g in GROUPS:
         e = groups[g]
         f = e.get("fit")
         if not e["points"]:
-            table.append([g, "-", "-", "-", "-", "-", "-", "-", "-", "no rows"])
+            table.append([g] + ["-"] * 10 + ["no rows"])
             continue
         procs = "/".join(str(p) for p in e["procs"])
         if f is None:
-            table.append([g, procs, f"{e['first_mb']:.0f}", f"{e['last_mb']:.0f}", f"{e['peak_mb']:.0f}", "-", "-",
-                          "-", "-", "too few steps"])
+            table.append([g, procs, f"{e['first_mb']:.0f}", f"{e['last_mb']:.0f}", f"{e['peak_mb']:.0f}"]
+                         + ["-"] * 6 + ["too few steps"])
             continue
         verdict = {True: "GROWS", False: "flat", None: "not judged"}[e["grows"]]
+        verdict += " (settled)" if e["settled"] else ""
         verdict += "" if g in VERDICT_GROUPS else " (shown)"
+        late = e["late_fit"]
         table.append([g, procs, f"{e['first_mb']:.0f}", f"{e['last_mb']:.0f}", f"{e['peak_mb']:.0f}",
-                      f"{f['slope']:+.3f}", f"{f['resid_std']:.2f}", f"{f['drift']:+.1f}", f"{f['t']:+.1f}", verdict])
+                      f"{f['slope']:+.3f}", f"{f['resid_std']:.2f}", f"{f['drift']:+.1f}", f"{f['t']:+.1f}",
+                      f"{late['slope']:+.3f}" if late else "-", f"{late['t']:+.1f}" if late else "-", verdict])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
               for row in table]
     steep = summary["steepest_processes"][:3]
     if steep:
         lines.append("steepest processes: " + "; ".join(
-            f"{p['role']} {p['title'].strip()[:40]!r} {p['slope']:+.3f} MB/step" for p in steep))
+            f"{p['role']} {short_title(p['title'])!r} {p['slope']:+.3f} MB/step" for p in steep))
     lines.append(f"checkpoints: expected {ck['expected']}; complete on disk {ck['complete_on_disk']}; tracker "
                  f"{ck['tracker']}")
     for c in ck["checkpoints"]:

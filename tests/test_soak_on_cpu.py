@@ -85,6 +85,21 @@ def test_warmup_steps_are_left_out_of_the_fit() -> None:
     assert soak.default_warmup(200) == 10 and soak.default_warmup(6) == 2
 
 
+def test_memory_that_settles_is_told_from_memory_that_keeps_growing() -> None:
+    # steps 1..20: the actor rises 2 MB a step to step 10, then stays level; the rollout rises 0.5 MB a step to the
+    # end with +-0.1 MB of scatter; the driver is level
+    rows = [_row(s, driver=900, actor=1000 + 2 * min(s, 10), rollout=4000 + 0.5 * s + (0.1 if s % 2 else -0.1))
+            for s in range(1, 21)]
+    groups = soak.fit_groups(rows, warmup=0)
+    actor, rollout, driver = groups["actor"], groups["rollout"], groups["driver"]
+    assert actor["fit"]["drift"] > 10 and actor["late_fit"]["slope"] == 0 and actor["late_fit"]["first_step"] == 11
+    assert (actor["grows"], actor["settled"]) == (False, True)
+    assert rollout["late_fit"]["slope"] == pytest.approx(0.5, abs=0.02) and rollout["late_fit"]["t"] > 3
+    assert (rollout["grows"], rollout["settled"]) == (True, False)
+    assert (driver["grows"], driver["settled"]) == (False, False)
+    assert soak.short_title("/venv/bin/python /venv/ray/dashboard/dashboard.py --x=1") == "python dashboard.py --x=1"
+
+
 # -- process roles and the per-step sampler on real processes -----------------------------------------------------
 # a process that sets its title as Ray and vLLM do (setproctitle), holds MB of touched memory and starts N untitled
 # children: python -c PROC TITLE MB N
