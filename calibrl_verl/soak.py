@@ -163,7 +163,7 @@ def process_slopes(per_step: list[dict[str, Any]], warmup: int, top: int = 5) ->
             fit = fit_line([p[0] for p in pts], [p[1] for p in pts])
         except ValueError:
             continue
-        found.append({"pid": pid, "role": pts[-1][2], "title": pts[-1][3].strip()[:60], "slope": fit.slope,
+        found.append({"pid": pid, "role": pts[-1][2], "title": short_title(pts[-1][3], 60), "slope": fit.slope,
                       "resid_std": fit.resid_std, "last_mb": pts[-1][1], "grows": grows(fit)})
     return sorted(found, key=lambda p: -p["slope"])[:top]
 
@@ -451,8 +451,8 @@ def default_warmup(steps: int) -> int:
 
 
 def short_title(title: str, width: int = 40) -> str:
-    """A process title with each path cut to its last part (``./ray/dashboard.py`` -> ``dashboard.py``)."""
-    return " ".join(t.rsplit("/", 1)[-1] if "/" in t else t for t in title.split())[:width]
+    """A process title with each absolute path cut to its last part (``/venv/ray/dashboard.py`` -> ``dashboard.py``)."""
+    return " ".join(t.rsplit("/", 1)[-1] if t.startswith("/") else t for t in title.split())[:width]
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -493,7 +493,7 @@ def report(summary: dict[str, Any]) -> str:
     steep = summary["steepest_processes"][:3]
     if steep:
         lines.append("steepest processes: " + "; ".join(
-            f"{p['role']} {short_title(p['title'])!r} {p['slope']:+.3f} MB/step" for p in steep))
+            f"{p['role']} {p['title'][:40]!r} {p['slope']:+.3f} MB/step" for p in steep))
     lines.append(f"checkpoints: expected {ck['expected']}; complete on disk {ck['complete_on_disk']}; tracker "
                  f"{ck['tracker']}")
     for c in ck["checkpoints"]:
