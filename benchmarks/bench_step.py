@@ -27,9 +27,10 @@ timers and logs seconds, calls and rows per step as ``bench/*`` metrics. So the 
 into verl's own work and what CalibRL adds around it (TransferQueue reads and writes, balancing, metrics).
 
 Memory: a thread samples the RSS of every process of the launch (found by its tag, ``launch.tagged_pids``) every
-``--interval`` s; processes are classed by their title (Ray and vLLM set them): trainer = TaskRunner + FSDP
-WorkerDict, rollout = vLLMHttpServer + its EngineCore children, rest = driver, Ray, TransferQueue, agent-loop
-and reward workers. The table gives the peak of each class's summed RSS (shared pages count once per process).
+``--interval`` s; processes are classed by their title (Ray and vLLM set them; ``calibrl_verl.rss``): trainer =
+TaskRunner + FSDP WorkerDict, rollout = vLLMHttpServer + its EngineCore children, rest = driver, Ray,
+TransferQueue, agent-loop and reward workers. The table gives the peak of each class's summed RSS (shared pages count
+once per process).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ from typing import Any
 
 import psutil
 
+from calibrl_verl import rss
+from calibrl_verl.rss import MB
+
 METHODS = ("grpo", "calibrl", "luffy")
 PHASES = (  # (verl timer, label); "rest" is the step minus the others
     ("gen", "generation"), ("old_log_prob", "old log-prob"), ("adv", "advantage"), ("update_actor", "update"),
@@ -61,10 +65,8 @@ PHASES = (  # (verl timer, label); "rest" is the step minus the others
     ("step_no_gen", "whole step minus generation"),
 )
 TIMED = ("gen", "old_log_prob", "adv", "update_actor", "update_weights")
-ROLES = (("trainer", ("TaskRunner", "WorkerDict")), ("rollout", ("vLLMHttpServer", "EngineCore", "VLLM::")))
 PROBE_ENV = "CALIBRL_BENCH_PROBE"
 DESIGN_SLACK = 0.02
-MB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,33 +166,6 @@ def install_probe() -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Memory: peak summed RSS per process class of one launch
 # ----------------------------------------------------------------------------------------------------------
-def process_title(proc: psutil.Process) -> str:
-    """What Ray / vLLM set as the process title (``ray::WorkerDict.update_actor``), else its name."""
-    try:
-        return " ".join(proc.cmdline())[:120] or proc.name()
-    except psutil.Error:
-        return "?"
-
-
-def classify(info: dict[int, tuple[int, str, int]]) -> dict[int, str]:
-    """Role per pid: by its own title, else its parent's role (vLLM's engine core under the HTTP server)."""
-    roles: dict[int, str] = {}
-
-    def role(pid: int, depth: int = 0) -> str:
-        if pid in roles:
-            return roles[pid]
-        parent, title, _ = info[pid]
-        found = next((r for r, needles in ROLES if any(n in title for n in needles)), None)
-        if found is None:
-            found = role(parent, depth + 1) if parent in info and depth < 16 else "rest"
-        roles[pid] = found
-        return found
-
-    for pid in info:
-        role(pid)
-    return roles
-
-
 class MemorySampler(threading.Thread):
     """Samples the launch's processes every ``interval`` s; keeps the peak summed RSS per role."""
 
@@ -199,7 +174,7 @@ class MemorySampler(threading.Thread):
         self.tag, self.interval = tag, interval
         self.peak: dict[str, int] = defaultdict(int)
         self.per_process: dict[int, tuple[str, str, int]] = {}
-        self._procs: dict[int, psutil.Process] = {}
+        self._table = rss.ProcessTable(tag)
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -211,23 +186,13 @@ class MemorySampler(threading.Thread):
         self.join()
 
     def sample(self) -> None:
-        from calibrl_verl import launch
-
-        info: dict[int, tuple[int, str, int]] = {}
-        for pid in launch.tagged_pids(self.tag):
-            try:
-                proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
-                info[pid] = (proc.ppid(), process_title(proc), proc.memory_info().rss)
-            except psutil.Error:
-                self._procs.pop(pid, None)
-        sums: dict[str, int] = defaultdict(int)
-        for pid, role in classify(info).items():
-            _, title, rss = info[pid]
-            sums[role] += rss
-            sums["total"] += rss
-            if rss > self.per_process.get(pid, ("", "", 0))[2]:
-                self.per_process[pid] = (title, role, rss)
-        for role, total in sums.items():
+        info = self._table.read()
+        roles = rss.classify(info, rss.TRAINER_ROLES)
+        for pid, role in roles.items():
+            _, title, size = info[pid]
+            if size > self.per_process.get(pid, ("", "", 0))[2]:
+                self.per_process[pid] = (title, role, size)
+        for role, total in rss.sums(info, roles).items():
             self.peak[role] = max(self.peak[role], total)
 
 

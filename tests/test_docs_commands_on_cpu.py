@@ -469,6 +469,12 @@ COMMANDS: dict[str, Entry] = {
     "wandb login": not_run("stores a wandb key (network); test_recipes checks that a stored key adds the logger"),
     "pytest tests/FILE::TEST": not_run("a placeholder for the tests the page names; they are checked to exist",
                                        check=the_named_tests_exist("docs/reliability.md")),
+    "python -m calibrl_verl.soak --steps 200 --save-freq 20 --out outputs/soak": not_run(
+        "one launch of verl's real trainer for 200 steps (tens of minutes, ~13.5 GB of RAM); tests/test_soak_on_cpu.py "
+        "checks its fit, process groups, sampler and checkpoint checks without a launch", help=True),
+    "python -m calibrl_verl.soak --report outputs/soak": covered(
+        "tests/test_soak_on_cpu.py::test_report_of_a_saved_run_passes_flat_memory_and_fails_growth",
+        ('soak.main(["--report"',), "needs a saved soak run; the test reports on a hand-made one", help=True),
     "python -m calibrl_verl.plots <metrics.jsonl or tensorboard folder>": run(
         "the placeholder -> one file-logger JSONL", subs=(("<metrics.jsonl or tensorboard folder>", "run_a.jsonl"),),
         outputs=("curves.png",)),
@@ -510,6 +516,7 @@ COMMANDS: dict[str, Entry] = {
     "python -m calibrl_verl.study.coverage": mention(),
     "python -m calibrl_verl.study.coverage_report": mention(),
     "python -m calibrl_verl.study.grid": mention(),
+    "python -m calibrl_verl.soak": mention(),
 }  # fmt: skip
 
 
