@@ -409,6 +409,8 @@ COMMANDS: dict[str, Entry] = {
         not_run("9 runs of ~13-20 minutes after the 30-minute SFT", help=True),
     "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 2 --arms calibrl_allwrong":
         not_run("3 runs of ~13-20 minutes after the 30-minute SFT", help=True),
+    "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 2 --arms grpo_entropy":
+        not_run("3 runs of ~15-20 minutes after the 30-minute SFT", help=True),
     "python -m calibrl_verl.study.coverage --out outputs/coverage_study --seeds 0 1 --arms calibrl_seqgap "
     "sft_then_grpo": not_run("4 runs of ~15-20 minutes after the 30-minute SFT (and the SFT on the RL split)",
                              help=True),
