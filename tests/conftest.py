@@ -1,6 +1,6 @@
 """Opt-in runs, left out of the default run to keep CI under 30 minutes and selected with ``-m <marker>`` (or any -m
-naming it): ``families`` (the smoke runs of the other model families) and ``serve`` (vLLM's OpenAI server on the tiny
-model)."""
+naming it): ``families`` (the smoke runs of the other model families), ``serve`` (vLLM's OpenAI server on the tiny
+model) and ``faults`` (workers killed mid-step, then resumed)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 OPT_IN = {
     "families": "model-family smoke run: select with -m families (bash scripts/test.sh -m families)",
     "serve": "starts vLLM's OpenAI server: select with -m serve (bash scripts/test.sh -m serve)",
+    "faults": "kills Ray workers of two tiny runs mid-step and resumes them (~8 min): select with -m faults "
+              "(bash scripts/test.sh -m faults)",
 }
 
 
