@@ -112,6 +112,9 @@ def test_stages_are_named_and_only_a_limited_stage_times_out(cluster) -> None:
         time.sleep(0.3)
         assert watch.check() is None  # no limit
     assert watch.stage_name == "after actor update"
+    with pytest.raises(RuntimeError), watch.stage("weight sync", 600.0):
+        raise RuntimeError("a worker died")
+    assert watch.stage_name == "weight sync"  # what the named error reports
 
 
 def test_messages_without_a_cause_or_checkpoint() -> None:

@@ -125,12 +125,10 @@ class WorkerWatch:
     @contextlib.contextmanager
     def stage(self, name: str, limit_s: float | None = None, key: str = "") -> Iterator[None]:
         """The trainer is in stage ``name`` (timed against ``limit_s`` when given); afterwards, until the next stage,
-        it is "after <name>"."""
+        it is "after <name>". An exception leaves the stage as it was, for the error that names it."""
         self.enter(name, limit_s, key)
-        try:
-            yield
-        finally:
-            self.enter(f"after {name}")
+        yield
+        self.enter(f"after {name}")
 
     def enter(self, name: str, limit_s: float | None = None, key: str = "") -> None:
         """The trainer enters stage ``name`` (timed against ``limit_s`` when given)."""
