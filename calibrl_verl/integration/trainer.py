@@ -154,7 +154,8 @@ class CalibRLTrainer(PPOTrainerSync):
 
     def _stage(self, name: str, limit_s: float | None = None, key: str = ""):
         """Tell the watch which stage the step is in (nothing before ``fit``)."""
-        return self._watch.stage(name, limit_s, key) if self._watch is not None else contextlib.nullcontext()
+        watch = getattr(self, "_watch", None)  # getattr: the stage tests build the trainer without __init__
+        return watch.stage(name, limit_s, key) if watch is not None else contextlib.nullcontext()
 
     def _checkpoint_root(self) -> Path:
         return Path.cwd() / self.config.trainer.default_local_dir
@@ -170,7 +171,7 @@ class CalibRLTrainer(PPOTrainerSync):
         return complete[-1] if complete else None
 
     def on_sample_begin(self) -> None:
-        if self._watch is not None:
+        if getattr(self, "_watch", None) is not None:
             self._watch.enter("generation")  # until the next stage: the rollout and the reward loop
         super().on_sample_begin()
 
