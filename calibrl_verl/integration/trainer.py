@@ -20,6 +20,10 @@ stages overridden, each calling verl's own implementation for the work verl alre
    rows too. The loss is installed once with ``set_loss_fn`` (``actor_loss.calibrl_actor_loss``).
 6. ``_compute_metrics``: verl's metrics over on-policy rows, plus the ``calibrl/*`` metrics.
 
+``fit`` runs verl's loop under a ``worker_watch.WorkerWatch`` and each stage tells it its name, so a Ray worker that
+dies inside a step ends the run with ``WorkerDiedError`` naming it, the step, the stage and the checkpoint to resume
+from, instead of verl waiting forever (generation, weight sync).
+
 TransferQueue traffic is what a GRPO step makes: expert rows are known from their keys (no read), and stages 3
 and 4 add their reads and writes to verl's own get and put of that stage (``stage_io``), so CalibRL adds no
 TransferQueue call to a step (``benchmarks/bench_step.py`` measures the step against GRPO's).
