@@ -92,6 +92,28 @@ def test_a_ray_actor_error_from_a_get_names_the_worker_it_came_from(cluster) -> 
     assert watch.named(ValueError("not a worker")) is None
 
 
+def test_a_checkpoint_save_is_let_finish_before_the_interrupt(cluster) -> None:
+    """A dead vLLM server is found during the save: the save completes, the run stops right after it."""
+    busy, victim = Sleeper.remote(), Sleeper.remote()
+    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+    watch = _watch([Worker("FSDP actor worker (actor_rollout_ref rank 0)", busy),
+                    Worker("vllm rollout replica 0 (server 0)", victim)], Path("/ckpt/global_step_1"))
+    saved = None
+    try:
+        with watch.stage("checkpoint save"):
+            saved = ray.get(busy.sleep.remote(10 * CHECK_S))
+        with watch.stage("weight sync"):
+            ray.get(busy.sleep.remote(120))
+    except BaseException as raised:  # noqa: BLE001 - the watch's interrupt
+        watch.stop()
+        err = watch.named(raised) or raised
+    finally:
+        watch.stop()
+    assert saved == 10 * CHECK_S
+    assert isinstance(err, WorkerDiedError), err
+    assert err.role == "vllm rollout replica 0 (server 0)" and err.stage in ("after checkpoint save", "weight sync")
+
+
 def test_a_stage_past_its_limit_ends_with_a_timeout_naming_the_key(cluster) -> None:
     busy = Sleeper.remote()
     watch = _watch([Worker("FSDP actor worker (actor_rollout_ref rank 0)", busy)], Path("/ckpt/global_step_1"))

@@ -41,6 +41,8 @@ import ray
 DEFAULT_CHECK_S = 5.0
 DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 600.0
 REPEAT_INTERRUPT_S = 10.0
+# stages the watch does not interrupt: a save goes on to a complete checkpoint when a worker it does not need died
+DEFERRED_STAGES = ("checkpoint save",)
 
 
 class WorkerFault(RuntimeError):
@@ -120,6 +122,7 @@ class WorkerWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fault: WorkerFault | None = None
+        self._died_of: tuple[str, str] | None = None  # (role, Ray's account) of the dead worker found
 
     # -- what the trainer calls --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -176,6 +179,12 @@ class WorkerWatch:
                 continue
             if fault is not None:
                 break
+        # a checkpoint save in progress is let finish (it needs only the FSDP workers, and verl's own get raises if
+        # one of them died); the fault then names the stage and checkpoint of the moment it interrupts
+        if self._stage.name in DEFERRED_STAGES and self._died_of is not None:
+            while not self._stop.is_set() and self._stage.name in DEFERRED_STAGES:
+                self._stop.wait(0.05)
+            self.fault = self._died(*self._died_of)
         # until the trainer stops the watch: an interrupt that lands in verl code catching ``Exception`` (Ray's
         # TaskCancelledError is one) is swallowed, so repeat it, slowly enough that the trainer has long stopped the
         # watch when the first one reached it
@@ -198,6 +207,7 @@ class WorkerWatch:
             try:
                 ray.get(ping)
             except ray.exceptions.RayActorError as err:
+                self._died_of = (worker.role, str(err))
                 self.fault = self._died(worker.role, str(err))
                 return self.fault
         with self._lock:
