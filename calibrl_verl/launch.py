@@ -150,6 +150,16 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
+def process_titles(tag: str) -> dict[int, str]:
+    """pid -> process title of a launch's processes (``tagged_pids``): Ray names an actor's process
+    ``ray::<Class>`` and, while a method runs, ``ray::<Class>.<method>`` (the fault tests pick a worker by it)."""
+    titles = {}
+    for pid in tagged_pids(tag):
+        with contextlib.suppress(OSError):
+            titles[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    return titles
+
+
 def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics",
           recipe: Path | None = None) -> Launch:
     """Start ``python -m calibrl_verl.main_calibrl`` with ``overrides``, logging into ``run_dir``; ``recipe``: a

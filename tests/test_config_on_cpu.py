@@ -16,7 +16,8 @@ def test_defaults_are_the_authors_code():
         "pass_threshold": 0.1, "gap": "token", "tail": "zero", "sequence_norm": "sum", "norm_adv_by_std": False,
         "mix_policy": "always", "mix_ratio": 1.0, "pass_rate_range": [0.0, 1.0], "warmup_grpo_steps": 0,
         "expert_overlong": "truncate", "seed": 0, "reward_guard": True, "seeded_rollouts": False,
-        "dump_dir": None, "n_onpolicy": 10, "allow_verl_mismatch": False,
+        "dump_dir": None, "n_onpolicy": 10, "allow_verl_mismatch": False, "worker_check_s": 5.0,
+        "weight_sync_timeout_s": 600.0,
     }
 
 
@@ -56,6 +57,9 @@ def test_from_omegaconf_node_with_overrides():
         ("n_onpolicy", True, "calibrl.n_onpolicy=True must be an integer >= 1"),
         ("all_wrong_weight", -0.1, "calibrl.all_wrong_weight"),
         ("allow_verl_mismatch", "yes", "calibrl.allow_verl_mismatch='yes' must be true or false"),
+        ("worker_check_s", 0, "calibrl.worker_check_s=0 must be a number in [0.1, inf]"),
+        ("weight_sync_timeout_s", 0.5, "calibrl.weight_sync_timeout_s=0.5 must be a number in [1.0, inf]"),
+        ("weight_sync_timeout_s", "10m", "calibrl.weight_sync_timeout_s"),
     ],
 )
 def test_invalid_values_fail_naming_the_key(key, value, needle):

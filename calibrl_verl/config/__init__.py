@@ -55,6 +55,10 @@ class CalibRLConfig:
     dump_dir: str | None = None
     n_onpolicy: int = 10
     allow_verl_mismatch: bool = False
+    # a dead Ray worker is found within worker_check_s; a weight sync longer than weight_sync_timeout_s (null: no
+    # limit) is a hang (integration/worker_watch.py)
+    worker_check_s: float = 5.0
+    weight_sync_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_rate_range", tuple(float(x) for x in self.pass_rate_range))
@@ -92,6 +96,9 @@ class CalibRLConfig:
             raise CalibRLConfigError(
                 f"calibrl.pass_rate_range={[lo, hi]} must satisfy 0 <= lo <= hi <= 1 (pass rates are fractions)"
             )
+        _require_range("worker_check_s", self.worker_check_s, 0.1, math.inf)
+        if self.weight_sync_timeout_s is not None:
+            _require_range("weight_sync_timeout_s", self.weight_sync_timeout_s, 1.0, math.inf)
         for key in ("norm_adv_by_std", "reward_guard", "seeded_rollouts", "allow_verl_mismatch"):
             if not isinstance(getattr(self, key), bool):
                 raise CalibRLConfigError(f"calibrl.{key}={getattr(self, key)!r} must be true or false")

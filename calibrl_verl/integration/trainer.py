@@ -20,6 +20,10 @@ stages overridden, each calling verl's own implementation for the work verl alre
    rows too. The loss is installed once with ``set_loss_fn`` (``actor_loss.calibrl_actor_loss``).
 6. ``_compute_metrics``: verl's metrics over on-policy rows, plus the ``calibrl/*`` metrics.
 
+``fit`` runs verl's loop under a ``worker_watch.WorkerWatch`` and each stage tells it its name, so a Ray worker that
+dies inside a step ends the run with ``WorkerDiedError`` naming it, the step, the stage and the checkpoint to resume
+from, instead of verl waiting forever (generation, weight sync).
+
 TransferQueue traffic is what a GRPO step makes: expert rows are known from their keys (no read), and stages 3
 and 4 add their reads and writes to verl's own get and put of that stage (``stage_io``), so CalibRL adds no
 TransferQueue call to a step (``benchmarks/bench_step.py`` measures the step against GRPO's).
@@ -28,6 +32,7 @@ TransferQueue call to a step (``benchmarks/bench_step.py`` measures the step aga
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Iterator
@@ -52,7 +57,7 @@ from verl.workers.utils.padding import response_to_nested
 from calibrl_verl import core_algos
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError
 from calibrl_verl.data.expert_column import expert_traces
-from calibrl_verl.integration import actor_loss, checkpoints, step_dump, tracking
+from calibrl_verl.integration import actor_loss, checkpoints, step_dump, tracking, worker_watch
 from calibrl_verl.integration.agent_loop import EXPERT_TEXT
 from calibrl_verl.integration.registry import ADV_EXTRAS
 from calibrl_verl.integration.stage_io import VerlDriftError, stage_io
@@ -65,6 +70,18 @@ from calibrl_verl.integration.step_fields import (
 )
 
 TRAINER_NAME = "calibrl"
+
+
+def _in_stage(name: str):
+    """A trainer stage the ``WorkerWatch`` names when a worker dies in it."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with self._stage(name):
+                return method(self, *args, **kwargs)
+        return run
+    return wrap
+
 # the plugin installs it too, but verl's plugin loading swallows errors: here a broken install fails loudly, in the
 # process that builds verl's Tracking
 tracking.install()
@@ -91,6 +108,7 @@ class CalibRLTrainer(PPOTrainerSync):
         self._expert_uids: set[str] = set()  # prompts whose expert joins the group this step
         self._short_groups = 0  # of those, prompts with fewer than experts_per_group traces this step
         self._step_extra: dict[str, dict] = {}  # key -> extra_fields, kept by the advantage stage for the metrics
+        self._watch: worker_watch.WorkerWatch | None = None  # while fit runs: names a worker that dies in a step
 
     # -- set-up -------------------------------------------------------------------------------------------
     @property
@@ -116,6 +134,56 @@ class CalibRLTrainer(PPOTrainerSync):
                                                       calibrl=self.calibrl))
         super().on_init_end()
 
+    # -- a worker that dies inside a step (worker_watch.py) ----------------------------------------------------
+    def fit(self, agent_loop_manager):
+        """verl's training loop under a ``WorkerWatch``: a Ray worker that dies inside a step, or a weight sync that
+        hangs, ends the run with ``WorkerDiedError`` / ``WorkerTimeoutError`` naming it, the step, the stage and the
+        checkpoint to resume from (verl alone waits forever on some of these)."""
+        self.agent_loop_manager = agent_loop_manager  # verl's fit sets it first thing; the watch needs its workers
+        root = self._checkpoint_root()
+        self._watch = worker_watch.WorkerWatch(
+            worker_watch.run_workers(self), self.calibrl.worker_check_s, step=lambda: self.global_steps,
+            checkpoint=self._last_checkpoint, root=root).start()
+        try:
+            return super().fit(agent_loop_manager)
+        except BaseException as err:
+            self._watch.stop()  # no further interrupt may land in this handler
+            named = self._watch.named(err)
+            if named is None:
+                raise
+            print(f"[calibrl] {type(named).__name__}: {named}", file=sys.stderr, flush=True)
+            raise named from err
+        finally:
+            self._watch.stop()
+
+    def _stage(self, name: str, limit_s: float | None = None, key: str = ""):
+        """Tell the watch which stage the step is in (nothing before ``fit``)."""
+        watch = getattr(self, "_watch", None)  # getattr: the stage tests build the trainer without __init__
+        return watch.stage(name, limit_s, key) if watch is not None else contextlib.nullcontext()
+
+    def _checkpoint_root(self) -> Path:
+        return Path.cwd() / self.config.trainer.default_local_dir
+
+    def _last_checkpoint(self) -> Path | None:
+        """The checkpoint ``trainer.resume_mode=auto`` would load now, else the last complete one on disk."""
+        root, contents = self._checkpoint_root(), self._checkpoint_contents()
+        with contextlib.suppress(checkpoints.CheckpointError):
+            tracked = checkpoints.check_resume(root, contents)
+            if tracked is not None:
+                return tracked
+        complete = checkpoints.complete_checkpoints(root, contents)
+        return complete[-1] if complete else None
+
+    def on_sample_begin(self) -> None:
+        if getattr(self, "_watch", None) is not None:
+            self._watch.enter("generation")  # until the next stage: the rollout and the reward loop
+        super().on_sample_begin()
+
+    def on_step_end(self) -> None:
+        """verl's weight sync into the rollout, timed against ``calibrl.weight_sync_timeout_s``."""
+        with self._stage("weight sync", self.calibrl.weight_sync_timeout_s, "calibrl.weight_sync_timeout_s"):
+            super().on_step_end()
+
     def _load_checkpoint(self):
         """verl's resume, once ``checkpoints`` has refused a missing or torn checkpoint (why: see that module);
         a resumed run says which checkpoint it loads."""
@@ -127,9 +195,10 @@ class CalibRLTrainer(PPOTrainerSync):
     def _save_checkpoint(self):
         """verl's save; a full disk ends in a ``CheckpointError`` that names the folder and what is still intact."""
         try:
-            return super()._save_checkpoint()
+            with self._stage("checkpoint save"):
+                return super()._save_checkpoint()
         except Exception as err:
-            folder = Path.cwd() / self.config.trainer.default_local_dir / f"global_step_{self.global_steps}"
+            folder = self._checkpoint_root() / f"global_step_{self.global_steps}"
             named = checkpoints.save_error(err, folder, self._checkpoint_contents())
             if named is None:
                 raise
@@ -145,7 +214,7 @@ class CalibRLTrainer(PPOTrainerSync):
     def _resume_folder(self) -> Path | None:
         trainer, contents = self.config.trainer, self._checkpoint_contents()
         if trainer.resume_mode == "auto":
-            return checkpoints.check_resume(Path.cwd() / trainer.default_local_dir, contents)
+            return checkpoints.check_resume(self._checkpoint_root(), contents)
         if trainer.resume_mode == "resume_path" and trainer.get("resume_from_path"):
             return checkpoints.check_folder(Path.cwd() / trainer.resume_from_path, contents)
         return None
@@ -244,6 +313,7 @@ class CalibRLTrainer(PPOTrainerSync):
         return int(rollout.get("log_prob_micro_batch_size_per_gpu") or 1)
 
     # -- 3. old log-probs: expert baseline, on-policy entropy ---------------------------------------------------
+    @_in_stage("old log-probs")
     def _compute_old_log_prob(self, batch, metrics):
         if self.calibrl.n_expert == 0:
             return super()._compute_old_log_prob(batch, metrics)
@@ -289,6 +359,7 @@ class CalibRLTrainer(PPOTrainerSync):
             metrics.update(calculate_debug_metrics(DataProto(batch=sub)))
 
     # -- 4. advantages, correctness, expert alignment ---------------------------------------------------------
+    @_in_stage("advantages")
     def _compute_advantage(self, batch, metrics):
         if self.calibrl.n_expert == 0 and not self.calibrl.dump_dir:
             return super()._compute_advantage(batch, metrics)
@@ -412,6 +483,7 @@ class CalibRLTrainer(PPOTrainerSync):
         )
 
     # -- 5. the update ---------------------------------------------------------------------------------------
+    @_in_stage("actor update")
     def _update_actor(self, batch, metrics):
         if self.calibrl.n_expert == 0 or not self.drops_experts:
             super()._update_actor(batch, metrics)
@@ -446,7 +518,12 @@ class CalibRLTrainer(PPOTrainerSync):
             with open_dict(node):
                 node.n = saved
 
+    @_in_stage("reference log-probs")
+    def _compute_ref_log_prob(self, batch, metrics):
+        return super()._compute_ref_log_prob(batch, metrics)
+
     # -- 6. metrics -------------------------------------------------------------------------------------------
+    @_in_stage("metrics")
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         extra = [self._step_extra.get(k) for k in batch.keys]
         if any(e is None for e in extra):  # the advantage stage kept none (GRPO without a dump)
