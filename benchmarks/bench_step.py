@@ -224,18 +224,8 @@ def run_launch(out: Path, assets: Path, method: str, rnd: int, args: argparse.Na
     run_dir = out / method
     job = launch.start(run_dir, overrides(assets, run_dir, method, args.steps, args.seed), "cpu", name=f"round{rnd}")
     sampler = MemorySampler(job.tag, args.interval)
-    sampler.start()
-    start, error = time.time(), None
-    try:
-        job.wait(args.timeout)
-    except BaseException as exc:  # timeout, failure, Ctrl-C: the launch is killed with its cluster either way
-        job.kill()
-        if not isinstance(exc, Exception):
-            raise
-        error = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-    finally:
-        sampler.stop()
-        launch.kill_tagged(job.tag)
+    start = time.time()
+    error = job.supervise(args.timeout, sampler)
     steps = step_rows(job.metrics) if job.metrics.exists() else []
     return {"method": method, "round": rnd, "wall_s": time.time() - start, "error": error, "steps": steps,
             "peak_rss": dict(sampler.peak),

@@ -107,6 +107,25 @@ class Launch:
                                f"{self.log_path.read_text()[-4000:]}")
         return self.metrics
 
+    def supervise(self, timeout: int | None, sampler: Any = None) -> str | None:
+        """Wait for the exit with ``sampler`` (an object with ``start``/``stop``, e.g. a memory sampler) running
+        beside it. Any failure kills the launch and its cluster and is returned as text (None: it ended well), so a
+        measuring tool keeps what it sampled; Ctrl-C is re-raised after the kill."""
+        if sampler is not None:
+            sampler.start()
+        try:
+            self.wait(timeout)
+        except BaseException as exc:
+            self.kill()
+            if not isinstance(exc, Exception):
+                raise
+            return f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        finally:
+            if sampler is not None:
+                sampler.stop()
+            kill_tagged(self.tag)
+        return None
+
     def kill(self) -> int:
         """SIGKILL the launch and every process of its Ray cluster (a pre-emption); returns how many died.
 

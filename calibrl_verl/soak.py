@@ -391,21 +391,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     assets = launch.ensure_assets((args.assets or out / "assets").resolve())
     overrides = launch.recipe_overrides(assets, run_dir, args.steps, args.loss_mode, "cpu", save_freq=args.save_freq)
     overrides += ["trainer.resume_mode=disable", "trainer.max_actor_ckpt_to_keep=null", *extra]
-    start, error = time.time(), None
+    start = time.time()
     job = launch.start(run_dir, overrides, "cpu")
     sampler = StepSampler(job.tag, job.proc.pid, job.metrics, out / "rss.csv", out / "rss_processes.jsonl",
                           interval=args.interval)
-    sampler.start()
-    try:
-        job.wait(args.timeout)
-    except BaseException as exc:  # timeout, failure, Ctrl-C: the launch is killed with its cluster either way
-        job.kill()
-        if not isinstance(exc, Exception):
-            raise
-        error = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-    finally:
-        sampler.stop()
-        launch.kill_tagged(job.tag)
+    error = job.supervise(args.timeout, sampler)
     logged = [s for s, _ in step_lines(job.metrics.read_bytes())] if job.metrics.exists() else []
     return {"steps": args.steps, "save_freq": args.save_freq, "loss_mode": args.loss_mode, "overrides": overrides,
             "wall_s": round(time.time() - start, 1), "steps_logged": len(logged), "error": error,

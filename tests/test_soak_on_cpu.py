@@ -303,3 +303,39 @@ def test_report_of_a_saved_run_passes_flat_memory_and_fails_growth(tmp_path: Pat
     assert "VERDICT: FAIL" in text and "GROWS" in text and "+5.000" in text
     assert "actor 'ray::WorkerDict' +5.000 MB/step" in text
     assert json.loads((grown / "summary.json").read_text())["steepest_processes"][0]["slope"] == pytest.approx(5)
+
+
+class _Recorder:
+    """A sampler that records when it was started and stopped."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def _real_launch(tmp_path: Path, code: str) -> launch.Launch:
+    log_path = tmp_path / "launch.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    return launch.Launch(proc, tmp_path / "metrics.jsonl", log_path, "supervise-test", log)
+
+
+def test_supervise_returns_a_failure_as_text_and_stops_the_sampler(tmp_path: Path) -> None:
+    ok, sampler = _real_launch(tmp_path, "print('fine')"), _Recorder()
+    assert ok.supervise(60, sampler) is None
+    assert sampler.calls == ["start", "stop"]
+
+    failed, sampler = _real_launch(tmp_path, "import sys; print('boom'); sys.exit(3)"), _Recorder()
+    error = failed.supervise(60, sampler)
+    assert error is not None and error.startswith("RuntimeError: training exited 3") and "boom" in error
+    assert sampler.calls == ["start", "stop"]
+
+    slow = _real_launch(tmp_path, "import time; time.sleep(60)")
+    error = slow.supervise(1)
+    assert error is not None and error.startswith("TimeoutExpired")
+    assert slow.proc.poll() is not None  # killed, not left running
