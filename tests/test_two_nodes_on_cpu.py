@@ -15,6 +15,7 @@ Opt-in: ``bash scripts/test.sh -m nodes`` (about 10 minutes on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ import pytest
 from ray.util import get_node_ip_address
 
 from calibrl_verl import launch, smoke
-from calibrl_verl.cpu import cpu_env, cpu_overrides
+from calibrl_verl.cpu import cpu_env
 
 HEAD_PORT = 46379
 # this host's address, as `ray start` picks it (Ray's agents listen on it: a --node-ip-address of 127.0.0.1 leaves the
@@ -122,23 +123,45 @@ def cluster(tmp_path_factory):
         launch.kill_tagged(tag)
 
 
-def _start(out: Path, name: str, steps: int, monkeypatch) -> launch.Launch:
-    assets = launch.ensure_assets(out / "assets")
-    run_dir = out / name
-    for key, value in {**CLUSTER_ENV, "RAY_ADDRESS": HEAD}.items():
-        monkeypatch.setenv(key, value)
-    overrides = launch.recipe_overrides(assets, run_dir, steps, "calibrl", "cpu") + multinode_overrides(2)
-    assert cpu_overrides()  # the CPU backend's keys go first (launch.start), multinode_overrides win over them
-    return launch.start(run_dir, overrides, "cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_command() -> list[str]:
+    """docs/multinode.md's launch on node 0: the tiny CPU recipe's run script, two nodes of one device each."""
+    return ["bash", str(REPO / "recipes" / "run_calibrl_tiny_cpu.sh"), *multinode_overrides(2)]
+
+
+def _start(out: Path, steps: int) -> tuple[subprocess.Popen, Path, Path]:
+    """The run script on node 0 (the driver attached to the cluster by RAY_ADDRESS); its own session, so a hung
+    run is killed whole. Returns the process, its metrics JSONL and its output."""
+    env = {**os.environ, **CLUSTER_ENV, "RAY_ADDRESS": HEAD, "OUT": str(out), "STEPS": str(steps),
+           "VENV": str(Path(sys.executable).parents[1])}
+    log = out / "run_script.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(tiny_command(), env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, out / "calibrl" / "metrics.jsonl", log
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.mark.nodes
-def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_path_factory, monkeypatch):
+def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_path_factory):
     tag, nodes = cluster
     out = tmp_path_factory.mktemp("nodes")
     t0 = time.time()
-    metrics = _start(out, "run", STEPS, monkeypatch).wait(RUN_TIMEOUT)
+    proc, metrics, log = _start(out, STEPS)
+    try:
+        code = proc.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        pytest.fail(f"no end within {RUN_TIMEOUT} s: {log.read_text()[-3000:]}")
     wall = time.time() - t0
+    assert code == 0, log.read_text()[-4000:]
     failed = [text for ok, text in smoke.check(metrics, STEPS, "calibrl") if not ok]
     assert not failed, failed
     actors = actor_nodes()
@@ -151,26 +174,24 @@ def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_p
 
 
 @pytest.mark.nodes
-def test_killing_the_second_nodes_raylet_ends_the_run_in_bounded_time(cluster, tmp_path_factory, monkeypatch):
+def test_killing_the_second_nodes_raylet_ends_the_run_in_bounded_time(cluster, tmp_path_factory):
     tag, _ = cluster
     out = tmp_path_factory.mktemp("nodes_kill")
-    job = _start(out, "run", 4, monkeypatch)
+    proc, metrics, log = _start(out, 4)
     deadline = time.time() + RUN_TIMEOUT
-    while not (job.metrics.exists() and job.metrics.read_text().strip()):
-        assert job.proc.poll() is None, job.log_path.read_text()[-3000:]
-        assert time.time() < deadline
+    while not (metrics.exists() and metrics.read_text().strip()):  # step 1 logged
+        if proc.poll() is not None or time.time() > deadline:
+            _kill(proc)
+            pytest.fail(f"no step logged: {log.read_text()[-3000:]}")
         time.sleep(1)
     os.kill(raylet_pid(tag, PORTS[1]["node-manager-port"]), signal.SIGKILL)
     killed_at = time.time()
     try:
-        code = job.proc.wait(timeout=DEAD_NODE_BOUND_S)
+        code = proc.wait(timeout=DEAD_NODE_BOUND_S)
     except subprocess.TimeoutExpired:
-        job.kill()
-        pytest.fail(f"the run still ran {DEAD_NODE_BOUND_S} s after node 1's raylet died:\n"
-                    f"{job.log_path.read_text()[-3000:]}")
-    finally:
-        job.log_file.close()
+        _kill(proc)
+        pytest.fail(f"the run still ran {DEAD_NODE_BOUND_S} s after node 1's raylet died:\n{log.read_text()[-3000:]}")
     took = time.time() - killed_at
-    log = job.log_path.read_text()
-    print(f"exit {code} {took:.1f} s after the raylet kill\n{log[-4000:]}")
+    text = log.read_text()
+    print(f"exit {code} {took:.1f} s after the raylet kill\n{text[-4000:]}")
     assert code != 0
