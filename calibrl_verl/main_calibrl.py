@@ -49,7 +49,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from calibrl_verl.config import CalibRLConfig, CalibRLConfigError  # noqa: E402
 from calibrl_verl.config.resolvers import resolve_on_driver, set_recipes_dir  # noqa: E402
 
-_FORWARDED_ENV = ("CALIBRL_REGISTER_TRAINER", "CALIBRL_DEVICE")
+# VERL_FILE_LOGGER_PATH: verl's file logger runs in the TaskRunner, a Ray worker; on a cluster started with
+# `ray start` (docs/multinode.md) it does not inherit the driver's environment, and the metrics JSONL went elsewhere
+_FORWARDED_ENV = ("CALIBRL_REGISTER_TRAINER", "CALIBRL_DEVICE", "VERL_FILE_LOGGER_PATH")
 DRY_RUN_FLAG = "--dry-run"
 # The checkout's recipes (absent from an installed wheel); paper.yaml marks the directory as ours.
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"

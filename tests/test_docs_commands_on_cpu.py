@@ -179,6 +179,8 @@ COVERAGE = "tests/test_smoke_coverage_on_cpu.py::test_fast_coverage_study_trains
 EXPERTS_CLI = "tests/test_experts_on_cpu.py::test_a_killed_run_resumes_without_repeating_settled_problems"
 EVALUATE = "tests/test_evaluate_on_cpu.py"
 PROTOCOLS = "tests/test_protocols_on_cpu.py"
+NODES_FILE = "tests/test_two_nodes_on_cpu.py"
+NODES = NODES_FILE + "::test_two_nodes_train_with_one_actor_and_one_vllm_replica_each"
 SFT_RUN = "tests/test_sft_run_on_cpu.py::test_sft_script_trains_on_cpu_and_the_merged_model_is_what_grpo_starts_from"
 GPU_MODEL = "needs a merged 7B checkpoint and a GPU"
 INSTALL = "installs the GPU / CPU stack (network, ~7 GB); CI runs setup_cpu.sh before the suite"
@@ -210,6 +212,8 @@ COMMANDS: dict[str, Entry] = {
     "bash scripts/test.sh -m families": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"families:'))),
     "bash scripts/test.sh -m serve": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"serve:'),
                                                                  contains("tests/conftest.py", '"serve":'))),
+    "bash scripts/test.sh -m nodes": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"nodes:'),
+                                                                 contains("tests/conftest.py", '"nodes":'))),
     # -- README / data.md: preparing data ----------------------------------------------------------------------
     f"python {PREP}/virl39k.py --input data/raw/virl39k.parquet --image-dir data/raw --experts data/raw/cots.jsonl "
     "--expert-id-field id --expert-text-field cot --categories geometr --output data/virl39k/train.parquet": run(
@@ -350,6 +354,53 @@ COMMANDS: dict[str, Entry] = {
         config=(("trainer.nnodes", 2), ("actor_rollout_ref.actor.ppo_mini_batch_size", 96))),
     "NNODES=2 bash recipes/run_grpo_qwen2_5vl_7b.sh actor_rollout_ref.actor.ppo_mini_batch_size=96": dry(
         config=(("trainer.nnodes", 2), ("calibrl.loss_mode", "grpo"))),
+    # -- docs/multinode.md: the two-node test's steps ----------------------------------------------------------
+    "ray start": mention(),
+    "ray start --head": mention(),
+    "ray status": mention(),
+    "ray stop": mention(),
+    "ray get-auth-token --generate": not_run("writes a Ray token into ~/.ray/auth_token, shared by every cluster of "
+                                             "this host's user"),
+    "export CALIBRL_DEVICE=cpu VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda VLLM_CPU_KVCACHE_SPACE=1": covered(
+        NODES, ("**cpu_env()",), "the test gives both raylets the CPU backend's environment",
+        via=(("calibrl_verl/cpu/settings.py", ('SWITCH_ENV: SWITCH_VALUE', '"VERL_PLATFORM": "cpu"',
+                                                '"VERL_ENGINE_DEVICE": "cuda"', '"VLLM_CPU_KVCACHE_SPACE", "1"')),)),
+    "export RAY_AUTH_MODE=token RAY_agent_register_timeout_ms=120000": covered(
+        NODES, ('"RAY_AUTH_MODE": "token"', '"RAY_agent_register_timeout_ms": "120000"', "**CLUSTER_ENV"),
+        "the test sets them for both raylets and the driver"),
+    "ray start --head --port=46379 --include-dashboard=false --temp-dir=/tmp/crn --num-cpus=8 --num-gpus=1 "
+    "--object-store-memory=300000000 --disable-usage-stats --node-manager-port=46380 --object-manager-port=46381 "
+    "--min-worker-port=46400 --max-worker-port=46499 --dashboard-agent-listen-port=46382 "
+    "--dashboard-agent-grpc-port=46383 --metrics-export-port=46384 --runtime-env-agent-port=46385": covered(
+        NODES, ("ray_start_commands(",), "the test's node 0 (its --temp-dir: /tmp/crn_<run tag>)",
+        via=((NODES_FILE, ('"start", "--head", f"--port={HEAD_PORT}", "--include-dashboard=false"',
+                           "HEAD_PORT = 46379", "NODE_CPUS = 8",
+                           'f"--num-cpus={NODE_CPUS}", "--num-gpus=1", "--object-store-memory=300000000"',
+                           '"--disable-usage-stats"', '{"node-manager-port": 46380, "object-manager-port": 46381, '
+                           '"min-worker-port": 46400,',
+                           '"max-worker-port": 46499, "dashboard-agent-listen-port": 46382, '
+                           '"dashboard-agent-grpc-port": 46383,', '"metrics-export-port": 46384, '
+                           '"runtime-env-agent-port": 46385}')),)),
+    "ray start --address=$HEAD_IP:46379 --temp-dir=/tmp/crn --num-cpus=8 --num-gpus=1 "
+    "--object-store-memory=300000000 --disable-usage-stats --node-manager-port=46390 --object-manager-port=46391 "
+    "--min-worker-port=46500 --max-worker-port=46599 --dashboard-agent-listen-port=46392 "
+    "--dashboard-agent-grpc-port=46393 --metrics-export-port=46394 --runtime-env-agent-port=46395": covered(
+        NODES, ("ray_start_commands(",), "the test's node 1, on this host's address",
+        via=((NODES_FILE, ('"start", f"--address={HEAD}", f"--temp-dir={temp_dir}"',
+                           '{"node-manager-port": 46390, "object-manager-port": 46391, "min-worker-port": 46500,',
+                           '"max-worker-port": 46599, "dashboard-agent-listen-port": 46392, '
+                           '"dashboard-agent-grpc-port": 46393,', '"metrics-export-port": 46394, '
+                           '"runtime-env-agent-port": 46395}')),)),
+    "ray status --address=$HEAD_IP:46379": covered(
+        NODES, ("alive_nodes()",), "the test reads the same node list from ray.nodes() (2 alive, GPU 1 each)",
+        via=((NODES_FILE, ("ray.nodes() if n['Alive']", "len(nodes) == 2")),)),
+    "RAY_ADDRESS=$HEAD_IP:46379 bash recipes/run_calibrl_tiny_cpu.sh ray_kwargs.ray_init.num_cpus=null "
+    "ray_kwargs.ray_init.num_gpus=null trainer.nnodes=2 trainer.n_gpus_per_node=1": covered(
+        NODES, ('"RAY_ADDRESS": HEAD', "tiny_command()"), "the two-node test's run (opt-in, -m nodes)",
+        via=((NODES_FILE, ('"run_calibrl_tiny_cpu.sh"', '"ray_kwargs.ray_init.num_cpus=null", '
+                           '"ray_kwargs.ray_init.num_gpus=null",',
+                           'f"trainer.nnodes={nnodes}", "trainer.n_gpus_per_node=1"',
+                           "multinode_overrides(2)")),)),
     # -- README: evaluate, compare, curves -----------------------------------------------------------------------
     "python -m verl.model_merger merge --backend fsdp --local_dir "
     "checkpoints/calibrl/calibrl_qwen2_5vl_7b/global_step_20/actor --target_dir merged/step_20": covered(

@@ -166,6 +166,15 @@ def test_register_env_is_forwarded_to_ray_workers():
     assert env["CALIBRL_REGISTER_TRAINER"] == "1"
 
 
+def test_the_file_logger_path_reaches_ray_workers_of_a_started_cluster(monkeypatch):
+    """verl's file logger runs in the TaskRunner; a cluster from `ray start` does not pass it the driver's env."""
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", "/runs/a/metrics.jsonl")
+    cfg = _compose()
+    prepare_config(cfg)
+    env = OmegaConf.to_container(cfg.ray_kwargs.ray_init.runtime_env.env_vars)
+    assert env["VERL_FILE_LOGGER_PATH"] == "/runs/a/metrics.jsonl"
+
+
 def test_verl_accepts_the_composed_config():
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
