@@ -38,7 +38,7 @@ from calibrl_verl import tiny
 N_ONPOLICY = 4
 PROMPTS_PER_STEP = 4
 # A launch that runs longer is killed with its Ray cluster: a failed weight sync into vLLM hangs instead of failing
-# (VLLM_ON_CPU.md), so no launch may wait forever. The tiny recipe takes 2-3 minutes on 2 cores.
+# (docs/cpu_backend.md), so no launch may wait forever. The tiny recipe takes 2-3 minutes on 2 cores.
 DEFAULT_TIMEOUT_S = 1200
 
 

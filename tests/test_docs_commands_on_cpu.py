@@ -946,3 +946,21 @@ def test_mention(key: str) -> None:
         assert importlib.util.find_spec(words[2]) is not None, key
     else:
         assert importlib.util.find_spec(words[0]) is not None or shutil.which(words[0]), key
+
+
+# The team's notes outside the repository: a user has none of them, so nothing shipped may cite them. (Written as
+# parts so that this file does not match itself.)
+OUTSIDE_NOTES = ("SPEC" + ".md", "VLLM" + "_ON_CPU", "VERL" + "_ON_CPU", "EXPERT" + "_HOOK_NOTES", "../" + "shared/")
+SHIPPED_TEXT = ("*.py", "*.md", "*.sh", "*.yaml", "*.toml", "*.txt", "*.cfg")
+
+
+def test_nothing_shipped_cites_a_file_outside_the_repository() -> None:
+    skip = {".venv", ".git", "outputs", "checkpoints", "data", "node_modules"}
+    hits = []
+    for pattern in SHIPPED_TEXT:
+        for path in REPO.rglob(pattern):
+            if skip & set(path.relative_to(REPO).parts) or not path.is_file():
+                continue
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                hits += [f"{path.relative_to(REPO)}:{number}: {name}" for name in OUTSIDE_NOTES if name in line]
+    assert not hits, "references to files users do not have:\n" + "\n".join(hits)

@@ -1,7 +1,7 @@
 """The environment and Hydra overrides that verl 0.9.1's ``main_ppo`` (and its SFT trainer) needs on a CPU-only host.
 
 Kept free of torch/verl imports so launch scripts and tests can build a command line cheaply. Each entry
-names the blocker it removes (``VERL_ON_CPU.md`` numbers them for verl, ``VLLM_ON_CPU.md`` for vLLM).
+names the blocker it removes (docs/cpu_backend.md, "The CPU backend", lists them).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ does not always end the run:
   groups; a group whose vLLM server died is marked failed and re-submitted, forever;
 - the weight sync (``naive`` checkpoint engine): the FSDP worker pushes the weights to the vLLM server over ZMQ and
   the trainer's ``ray.get`` waits for it, forever when the server is gone (or when a weight load fails inside
-  vLLM's worker, which verl never propagates: VLLM_ON_CPU's hazard);
+  vLLM's worker, which verl never propagates: docs/cpu_backend.md, "The test suite");
 - any ``ray.get`` on a worker group, when one rank of a collective died and the others wait in it.
 
 ``WorkerWatch`` is a daemon thread in the trainer's process (Ray's TaskRunner). Every ``calibrl.worker_check_s``

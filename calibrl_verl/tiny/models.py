@@ -123,7 +123,7 @@ def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """Ids never to sample: a sampled <|image_pad|> breaks verl's rope-index code (see VERL_ON_CPU.md)."""
+    """Ids never to sample: a sampled <|image_pad|> breaks verl's rope-index code (docs/cpu_backend.md)."""
     return [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
 
 

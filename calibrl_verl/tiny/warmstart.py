@@ -170,7 +170,7 @@ def unlikelihood(logits: torch.Tensor, labels: torch.Tensor, token_ids: list[int
     emitting these tokens to about exp(floor), then stops.
 
     The vision placeholders must never be sampled (verl's agent loop rebuilds M-RoPE positions from every image
-    token in prompt + response and fails on one in a response; VERL_ON_CPU.md). A pretrained Qwen-VL puts
+    token in prompt + response and fails on one in a response; docs/cpu_backend.md). A pretrained Qwen-VL puts
     negligible mass on them; a freshly initialised tiny one does not (~1e-5 per response token after plain SFT, a
     failure every few CI runs), and vLLM's sampler, unlike transformers' ``suppress_tokens``, has no model-level
     switch for it. A log-probability (not ``-log(1 - p)``, whose gradient vanishes with p) keeps pushing.
