@@ -335,7 +335,37 @@ def run(config: DictConfig) -> None:
 
     auto_set_device(config)
     validate_verl_config(config)
-    run_ppo(config, task_runner_class=TaskRunnerV1)
+    run_ppo(config, task_runner_class=OnDriverNode(TaskRunnerV1))
+
+
+class OnDriverNode:
+    """verl's TaskRunner class, started on the driver's node: the one place where its placement is wrapped.
+
+    Why: ``run_ppo`` starts the TaskRunner (the training loop and our worker watch) with ``task_runner_class.remote()``
+    wherever Ray finds a free CPU, on a multi-node cluster as likely a worker node as the head. Losing that node then
+    takes the trainer with it and the run ends with Ray's bare ``ActorUnavailableError`` instead of the watch's
+    ``WorkerDiedError`` naming what was lost and the checkpoint to resume from (tests/test_two_nodes_on_cpu.py).
+    The driver runs on the head node (``ray job submit`` and the README's attached driver both put it there), so the
+    runner asks for the driver's node; softly, so a head node without a free CPU still runs it elsewhere rather than
+    wait forever. ``run_ppo`` calls only ``remote()`` (and ``options()`` for nsys profiling): both are kept.
+    """
+
+    def __init__(self, actor_class: Any) -> None:
+        self.actor_class = actor_class
+
+    @staticmethod
+    def placement() -> dict[str, Any]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()  # Ray is initialised by run_ppo before it starts the runner
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
+
+    def options(self, **options: Any) -> Any:
+        return self.actor_class.options(**{**self.placement(), **options})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.options().remote(*args, **kwargs)
 
 
 @contextlib.contextmanager

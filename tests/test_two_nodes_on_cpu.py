@@ -8,9 +8,11 @@ every process of the cluster carries a tag in its environment (``launch.TAG_ENV`
 processes only (``ray stop`` would stop every Ray cluster on the machine).
 
 Checks: the run trains its steps (metrics logged, smoke.check: rollout log-probs agree with the actor's every step,
-so both vLLM replicas received the weights), one actor worker and one vLLM server per node (GCS actor table), and
-that killing node 1's raylet mid-run ends the run in bounded time, with the error recorded.
-Opt-in: ``bash scripts/test.sh -m nodes`` (about 10 minutes on 2 cores).
+so both vLLM replicas received the weights), one actor worker and one vLLM server per node and verl's TaskRunner on
+node 0, the driver's (GCS actor table); and that killing node 1's raylet mid-run ends the run in bounded time with
+the worker watch's ``WorkerDiedError`` naming the lost worker and the intact step-1 checkpoint, after which node 1
+rejoins and the same command with ``trainer.resume_mode=auto`` trains the remaining steps.
+Opt-in: ``bash scripts/test.sh -m nodes`` (about 12 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +33,7 @@ from ray.util import get_node_ip_address
 
 from calibrl_verl import launch, smoke
 from calibrl_verl.cpu import cpu_env
+from calibrl_verl.integration import checkpoints
 
 HEAD_PORT = 46379
 # this host's address, as `ray start` picks it (Ray's agents listen on it: a --node-ip-address of 127.0.0.1 leaves the
@@ -42,7 +46,11 @@ PORTS = ({"node-manager-port": 46380, "object-manager-port": 46381, "min-worker-
           "metrics-export-port": 46384, "runtime-env-agent-port": 46385},
          {"node-manager-port": 46390, "object-manager-port": 46391, "min-worker-port": 46500,
           "max-worker-port": 46599, "dashboard-agent-listen-port": 46392, "dashboard-agent-grpc-port": 46393,
-          "metrics-export-port": 46394, "runtime-env-agent-port": 46395})
+          "metrics-export-port": 46394, "runtime-env-agent-port": 46395},
+         # node 1 again, after its raylet was killed: fresh ports (the lost node's agents may still hold the old ones)
+         {"node-manager-port": 46610, "object-manager-port": 46611, "min-worker-port": 46620,
+          "max-worker-port": 46699, "dashboard-agent-listen-port": 46612, "dashboard-agent-grpc-port": 46613,
+          "metrics-export-port": 46614, "runtime-env-agent-port": 46615})
 # Ray 2.60's `ray start --head` turns on token authentication (the token in ~/.ray/auth_token): every node and the
 # driver say so, or the second node is refused ("InvalidAuthToken"). A raylet waits for its dashboard agent, which
 # takes more than the default on a loaded 2-core host ("WaitForDashboardAgentPorts" check failure): more time.
@@ -61,14 +69,18 @@ def multinode_overrides(nnodes: int) -> list[str]:
             f"trainer.nnodes={nnodes}", "trainer.n_gpus_per_node=1"]
 
 
+COMMON = [f"--num-cpus={NODE_CPUS}", "--num-gpus=1", "--object-store-memory=300000000", "--disable-usage-stats"]
+
+
 def ray_start_commands(temp_dir: Path) -> list[list[str]]:
-    common = [f"--num-cpus={NODE_CPUS}", "--num-gpus=1", "--object-store-memory=300000000",
-              "--disable-usage-stats"]
     head = [RAY, "start", "--head", f"--port={HEAD_PORT}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-            *common, *(f"--{k}={v}" for k, v in PORTS[0].items())]
-    worker = [RAY, "start", f"--address={HEAD}", f"--temp-dir={temp_dir}", *common,
-              *(f"--{k}={v}" for k, v in PORTS[1].items())]
-    return [head, worker]
+            *COMMON, *(f"--{k}={v}" for k, v in PORTS[0].items())]
+    return [head, worker_start_command(temp_dir, PORTS[1])]
+
+
+def worker_start_command(temp_dir: Path, ports: dict[str, int]) -> list[str]:
+    return [RAY, "start", f"--address={HEAD}", f"--temp-dir={temp_dir}", *COMMON,
+            *(f"--{k}={v}" for k, v in ports.items())]
 
 
 def _gcs_query(code: str) -> object:
@@ -118,7 +130,7 @@ def cluster(tmp_path_factory):
         while len(nodes := alive_nodes()) < 2 and time.time() < deadline:
             time.sleep(1)
         assert len(nodes) == 2 and all(n["gpu"] == 1 for n in nodes), nodes
-        yield tag, nodes
+        yield tag, nodes, temp_dir, env
     finally:
         launch.kill_tagged(tag)
 
@@ -131,15 +143,16 @@ def tiny_command() -> list[str]:
     return ["bash", str(REPO / "recipes" / "run_calibrl_tiny_cpu.sh"), *multinode_overrides(2)]
 
 
-def _start(out: Path, steps: int) -> tuple[subprocess.Popen, Path, Path]:
+def _start(out: Path, steps: int, *overrides: str, log_name: str = "run_script.log"
+           ) -> tuple[subprocess.Popen, Path, Path]:
     """The run script on node 0 (the driver attached to the cluster by RAY_ADDRESS); its own session, so a hung
     run is killed whole. Returns the process, its metrics JSONL and its output."""
     env = {**os.environ, **CLUSTER_ENV, "RAY_ADDRESS": HEAD, "OUT": str(out), "STEPS": str(steps),
            "VENV": str(Path(sys.executable).parents[1])}
-    log = out / "run_script.log"
+    log = out / log_name
     with open(log, "w") as f:
-        proc = subprocess.Popen(tiny_command(), env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([*tiny_command(), *overrides], env=env, cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     return proc, out / "calibrl" / "metrics.jsonl", log
 
 
@@ -151,7 +164,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 @pytest.mark.nodes
 def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_path_factory):
-    tag, nodes = cluster
+    tag, nodes, _, _ = cluster
     out = tmp_path_factory.mktemp("nodes")
     t0 = time.time()
     proc, metrics, log = _start(out, STEPS)
@@ -168,30 +181,72 @@ def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_p
     node_ids = {n["id"] for n in nodes}
     workers = [a for a in actors if "WorkerDict" in a["cls"] or "ActorRollout" in a["cls"]]
     servers = [a for a in actors if a["cls"] == "vLLMHttpServer"]
+    runners = [a for a in actors if "TaskRunner" in a["cls"]]
     print(json.dumps({"wall_s": round(wall, 1), "nodes": nodes, "actors": actors}, indent=1))
     assert {a["node"] for a in workers} == node_ids and len(workers) == 2, workers
     assert {a["node"] for a in servers} == node_ids and len(servers) == 2, servers
+    # the training loop runs where the driver runs (main_calibrl.OnDriverNode), so losing node 1 leaves it alive
+    head = next(n["id"] for n in nodes if n["port"] == PORTS[0]["node-manager-port"])
+    assert [a["node"] for a in runners] == [head], runners
 
 
-@pytest.mark.nodes
-def test_killing_the_second_nodes_raylet_ends_the_run_in_bounded_time(cluster, tmp_path_factory):
-    tag, _ = cluster
-    out = tmp_path_factory.mktemp("nodes_kill")
-    proc, metrics, log = _start(out, 4)
+LOST = re.compile(r"WorkerDiedError: the (?P<role>.+?) (?:died|became unreachable \(its process or its node is "
+                  r"gone\)) at step 2 \((?P<stage>[^)]+)\)\. The last complete checkpoint is (?P<ckpt>\S+);")
+
+
+def _wait_for_step_1(proc: subprocess.Popen, metrics: Path, log: Path) -> None:
     deadline = time.time() + RUN_TIMEOUT
-    while not (metrics.exists() and metrics.read_text().strip()):  # step 1 logged
+    while not (metrics.exists() and metrics.read_text().strip()):  # step 1 logged (its checkpoint saved before)
         if proc.poll() is not None or time.time() > deadline:
             _kill(proc)
             pytest.fail(f"no step logged: {log.read_text()[-3000:]}")
         time.sleep(1)
-    os.kill(raylet_pid(tag, PORTS[1]["node-manager-port"]), signal.SIGKILL)
-    killed_at = time.time()
+
+
+def _end(proc: subprocess.Popen, log: Path, within_s: float, what: str) -> int:
     try:
-        code = proc.wait(timeout=DEAD_NODE_BOUND_S)
+        return proc.wait(timeout=within_s)
     except subprocess.TimeoutExpired:
         _kill(proc)
-        pytest.fail(f"the run still ran {DEAD_NODE_BOUND_S} s after node 1's raylet died:\n{log.read_text()[-3000:]}")
+        pytest.fail(f"{what}: still running after {within_s} s:\n{log.read_text()[-3000:]}")
+
+
+def _logged_steps(metrics: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.nodes
+def test_a_lost_node_is_named_and_the_run_resumes_once_the_node_is_back(cluster, tmp_path_factory):
+    """Node 1's raylet SIGKILLed after step 1 (its checkpoint saved): the run ends within DEAD_NODE_BOUND_S with the
+    worker watch's error naming a worker of node 1 and the step-1 checkpoint, which is complete; node 1 rejoins (a
+    new ``ray start --address``) and the same command with ``trainer.resume_mode=auto`` trains steps 2-4."""
+    tag, _, temp_dir, env = cluster
+    out = tmp_path_factory.mktemp("nodes_kill")
+    proc, metrics, log = _start(out, 4, "trainer.save_freq=1")
+    _wait_for_step_1(proc, metrics, log)
+    os.kill(raylet_pid(tag, PORTS[1]["node-manager-port"]), signal.SIGKILL)
+    killed_at = time.time()
+    code = _end(proc, log, DEAD_NODE_BOUND_S, "the run after node 1's raylet died")
     took = time.time() - killed_at
     text = log.read_text()
     print(f"exit {code} {took:.1f} s after the raylet kill\n{text[-4000:]}")
     assert code != 0
+    named = LOST.search(text)
+    assert named, text[-4000:]
+    ckpt = out / "calibrl" / "checkpoints"
+    assert named["ckpt"] == str(ckpt / "global_step_1")
+    # every worker the run has on node 1 is one of these (rank 1 of the FSDP group, the second vLLM replica, an
+    # agent-loop or reward worker placed there); a node-0 worker is not lost
+    assert re.fullmatch(r"FSDP actor worker \(actor_rollout_ref rank 1\)|vllm rollout replica 1 \(server 0\)"
+                        r"|agent loop worker \d+|reward loop worker \d+", named["role"]), named["role"]
+    assert checkpoints.check_resume(ckpt, ["model", "optimizer", "extra"]) == ckpt / "global_step_1"
+
+    subprocess.run(worker_start_command(temp_dir, PORTS[2]), env=env, check=True, timeout=180)
+    deadline = time.time() + 60
+    while len(alive_nodes()) < 2 and time.time() < deadline:
+        time.sleep(1)
+    proc, metrics, log = _start(out, 4, "trainer.save_freq=1", "trainer.resume_mode=auto", log_name="resume.log")
+    assert _end(proc, log, RUN_TIMEOUT, "the resumed run") == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert f"[calibrl] resuming from {ckpt / 'global_step_1'}" in text, text[-4000:]
+    assert _logged_steps(metrics) == [1, 2, 3, 4]

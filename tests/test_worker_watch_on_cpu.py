@@ -143,3 +143,17 @@ def test_messages_without_a_cause_or_checkpoint() -> None:
     text = worker_watch.died_message("agent loop worker 0", 4, "generation", "", None, None)
     assert text == ("the agent loop worker 0 died at step 4 (generation). No complete checkpoint: a restart trains "
                     "from step 1 (trainer.resume_mode=auto finds nothing to load).")
+
+
+def test_an_unreachable_worker_is_named_as_unreachable_not_dead() -> None:
+    """A lost node: Ray's ActorUnavailableError (before it declares the node dead) names the worker as unreachable;
+    Ray gave no actor id, so the watch asks its workers (none here) and names an unknown worker."""
+    watch = WorkerWatch([], CHECK_S, step=lambda: 2, checkpoint=lambda: Path("/ck/global_step_1"))
+    assert watch.named(RuntimeError("update failed")) is None  # not a Ray actor error
+    err = ray.exceptions.ActorUnavailableError("Socket closed", None)
+    fault = watch.named(err)
+    assert isinstance(fault, worker_watch.WorkerDiedError)
+    assert str(fault).startswith("the a Ray worker of the run (not one the watch knows) became unreachable (its "
+                                 "process or its node is gone) at step 2 (start-up). The last complete checkpoint is "
+                                 "/ck/global_step_1")
+    assert "Socket closed" in str(fault)

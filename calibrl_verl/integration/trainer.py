@@ -94,6 +94,10 @@ REPLAY_POLL_INTERVAL_S = 0.2
 class CalibRLTrainer(PPOTrainerSync):
     """verl's sync V1 trainer with CalibRL's data-source hook, advantage, loss and metrics."""
 
+    # while fit runs: names a worker that dies in a step (a class default: the stage tests build the trainer without
+    # __init__, and a stage outside fit tells no watch)
+    _watch: worker_watch.WorkerWatch | None = None
+
     def __init__(self, config: Any) -> None:
         self.calibrl = CalibRLConfig.from_config(config.get("calibrl"))
         # verl 0.9.1 (trainer_base.py ~129) picks sync vs async code paths by the trainer_mode *name*; ours is
@@ -108,7 +112,6 @@ class CalibRLTrainer(PPOTrainerSync):
         self._expert_uids: set[str] = set()  # prompts whose expert joins the group this step
         self._short_groups = 0  # of those, prompts with fewer than experts_per_group traces this step
         self._step_extra: dict[str, dict] = {}  # key -> extra_fields, kept by the advantage stage for the metrics
-        self._watch: worker_watch.WorkerWatch | None = None  # while fit runs: names a worker that dies in a step
 
     # -- set-up -------------------------------------------------------------------------------------------
     @property
@@ -158,8 +161,7 @@ class CalibRLTrainer(PPOTrainerSync):
 
     def _stage(self, name: str, limit_s: float | None = None, key: str = ""):
         """Tell the watch which stage the step is in (nothing before ``fit``)."""
-        watch = getattr(self, "_watch", None)  # getattr: the stage tests build the trainer without __init__
-        return watch.stage(name, limit_s, key) if watch is not None else contextlib.nullcontext()
+        return self._watch.stage(name, limit_s, key) if self._watch is not None else contextlib.nullcontext()
 
     def _checkpoint_root(self) -> Path:
         return Path.cwd() / self.config.trainer.default_local_dir
@@ -175,7 +177,7 @@ class CalibRLTrainer(PPOTrainerSync):
         return complete[-1] if complete else None
 
     def on_sample_begin(self) -> None:
-        if getattr(self, "_watch", None) is not None:
+        if self._watch is not None:
             self._watch.enter("generation")  # until the next stage: the rollout and the reward loop
         super().on_sample_begin()
 

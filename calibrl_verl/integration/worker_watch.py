@@ -83,10 +83,13 @@ def resume_hint(checkpoint: Path | None, root: Path | None) -> str:
             f"continue from it (or trainer.resume_mode=resume_path trainer.resume_from_path={checkpoint}).")
 
 
-def died_message(role: str, step: int, stage: str, cause: str, checkpoint: Path | None, root: Path | None) -> str:
-    """The ``WorkerDiedError`` text: who died, when, Ray's own account, and how to resume."""
+def died_message(role: str, step: int, stage: str, cause: str, checkpoint: Path | None, root: Path | None,
+                 unreachable: bool = False) -> str:
+    """The ``WorkerDiedError`` text: who died (or became unreachable: its node lost), when, Ray's own account, and how
+    to resume."""
     cause = " ".join(cause.split())[:600]
-    return (f"the {role} died at step {step} ({stage}). " + resume_hint(checkpoint, root)
+    what = "became unreachable (its process or its node is gone)" if unreachable else "died"
+    return (f"the {role} {what} at step {step} ({stage}). " + resume_hint(checkpoint, root)
             + (f" Ray says: {cause}" if cause else ""))
 
 
@@ -122,7 +125,7 @@ class WorkerWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fault: WorkerFault | None = None
-        self._died_of: tuple[str, str] | None = None  # (role, Ray's account) of the dead worker found
+        self._died_of: tuple[str, str, bool] | None = None  # (role, Ray's account, unreachable) of the dead worker
 
     # -- what the trainer calls --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -168,7 +171,7 @@ class WorkerWatch:
             if self.fault is not None:
                 return self.fault
         role = worker.role if worker is not None else "a Ray worker of the run (not one the watch knows)"
-        return self._died(role, str(err))
+        return self._died(role, str(err), _unreachable(err))
 
     # -- the thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -207,8 +210,8 @@ class WorkerWatch:
             try:
                 ray.get(ping)
             except ray.exceptions.RayActorError as err:
-                self._died_of = (worker.role, str(err))
-                self.fault = self._died(worker.role, str(err))
+                self._died_of = (worker.role, str(err), _unreachable(err))
+                self.fault = self._died(*self._died_of)
                 return self.fault
         with self._lock:
             stage = self._stage
@@ -220,10 +223,16 @@ class WorkerWatch:
             return self.fault
         return None
 
-    def _died(self, role: str, cause: str) -> WorkerDiedError:
+    def _died(self, role: str, cause: str, unreachable: bool = False) -> WorkerDiedError:
         checkpoint, step, stage = self._checkpoint(), self._step(), self._stage.name
-        return WorkerDiedError(died_message(role, step, stage, cause, checkpoint, self._root),
+        return WorkerDiedError(died_message(role, step, stage, cause, checkpoint, self._root, unreachable),
                                role=role, step=step, stage=stage, checkpoint=checkpoint)
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Ray's ``ActorUnavailableError``: the actor's process or node cannot be reached (a lost node gives this before
+    Ray declares the node dead); any other ``RayActorError`` says the actor died."""
+    return isinstance(err, ray.exceptions.ActorUnavailableError)
 
 
 def _actor_error(err: BaseException | None) -> BaseException | None:
