@@ -212,6 +212,8 @@ COMMANDS: dict[str, Entry] = {
     "bash scripts/test.sh -m families": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"families:'))),
     "bash scripts/test.sh -m serve": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"serve:'),
                                                                  contains("tests/conftest.py", '"serve":'))),
+    "bash scripts/test.sh -m studies": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"studies:'),
+                                                                   contains("tests/conftest.py", '"studies":'))),
     "bash scripts/test.sh -m nodes": not_run(SUITE, check=all_of(TEST_SH, contains("pyproject.toml", '"nodes:'),
                                                                  contains("tests/conftest.py", '"nodes":'))),
     # -- README / data.md: preparing data ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """CI smoke test of the coverage study: the README's command with its fast preset, end to end (build, a CalibRL
 launch on the navigation task through verl's real trainer and vLLM rollout, checkpoint merge, measure, report).
 The launch is the hypothesis arm (calibrl.all_wrong_weight > 0); its per-step dumps are recomputed by the dump check.
-About 2.5 minutes on 2 cores."""
+About 2.5 minutes on 2 cores; opt-in with the toy study's (``-m studies``), to keep CI under 30 minutes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from calibrl_verl import dump_check
 from calibrl_verl.study import coverage, grid
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.studies]
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "coverage_study" / "run_study.sh"
 
 

@@ -3,7 +3,8 @@
 verl 0.9.1's real trainer runs here (Ray, TransferQueue, the FSDP2 engine worker, the agent loop with our
 expert hook, verl's vLLM rollout server on vLLM's CPU build with weight sync every step, the reward loop,
 checkpointing). Only CUDA kernels, NCCL and flash-attn are left to recipes/gpu_smoke.sh.
-Select with `-m smoke`, skip with `-m "not smoke"`. About 1.5 minutes per launch on 2 cores; 8 launches.
+Select with `-m smoke`, skip with `-m "not smoke"`. About 1.5 minutes per launch on 2 cores; 5 launches
+in the default run (the toy study's 2 are opt-in, ``-m studies``; RL-PLUS's is ``-m families``).
 The dump checks those launches run (``calibrl_verl.dump_check``) are unit-tested here too, on hand-made dumps
 (not marked smoke).
 """
@@ -56,6 +57,7 @@ def _assert_checks(metrics, steps, loss_mode):
 
 
 @pytest.mark.smoke
+@pytest.mark.studies
 def test_fast_toy_study_runs_logs_plots_and_tabulates(out: Path, capfd: pytest.CaptureFixture) -> None:
     """The study's fast preset (GRPO and CalibRL, 2 steps, 1 seed) through the grid, then the report."""
     cfg = grid.PRESETS["fast"]

@@ -35,6 +35,9 @@ class Sleeper:
         time.sleep(seconds)
         return seconds
 
+    def fail(self, message: str) -> None:
+        raise RuntimeError(message)
+
 
 def _watch(workers: list[Worker], checkpoint: Path | None) -> WorkerWatch:
     return WorkerWatch(workers, CHECK_S, step=lambda: 3, checkpoint=lambda: checkpoint, root=Path("/ckpt")).start()
@@ -157,3 +160,25 @@ def test_an_unreachable_worker_is_named_as_unreachable_not_dead() -> None:
                                  "process or its node is gone) at step 2 (start-up). The last complete checkpoint is "
                                  "/ck/global_step_1")
     assert "Socket closed" in str(fault)
+
+
+def test_a_rank_whose_collective_peer_died_is_named_after_the_peer(cluster) -> None:
+    """dp > 1, or a lost node: the surviving rank's task fails first (gloo: "Connection closed by peer"), a plain
+    RayTaskError; the watch asks every worker and names the dead one. With every worker alive the error is not a
+    worker fault, and finding that out waits only for the pings."""
+    survivor, peer = Sleeper.remote(), Sleeper.remote()
+    workers = [Worker("FSDP actor worker (actor_rollout_ref rank 0)", survivor),
+               Worker("FSDP actor worker (actor_rollout_ref rank 1)", peer)]
+    watch = WorkerWatch(workers, 60.0, step=lambda: 2, checkpoint=lambda: None, root=Path("/ckpt"))
+    with pytest.raises(ray.exceptions.RayTaskError) as alive:
+        ray.get(survivor.fail.remote("Connection closed by peer"))
+    start = time.monotonic()
+    assert watch.named(alive.value) is None
+    assert time.monotonic() - start < 5
+
+    os.kill(ray.get(peer.pid.remote()), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayTaskError) as echo:
+        ray.get(survivor.fail.remote("Connection closed by peer"))
+    err = watch.named(echo.value)
+    assert isinstance(err, WorkerDiedError), err
+    assert str(err).startswith("the FSDP actor worker (actor_rollout_ref rank 1) died at step 2 (start-up). ")

@@ -41,6 +41,9 @@ import ray
 DEFAULT_CHECK_S = 5.0
 DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 600.0
 REPEAT_INTERRUPT_S = 10.0
+# how long a worker's failed task waits for the watch to find a dead peer (a lost node's actors answer a ping with
+# ActorUnavailableError within seconds; measured 9.4 s from the raylet kill to the surviving rank's gloo error)
+PEER_WAIT_S = 30.0
 # stages the watch does not interrupt: a save goes on to a complete checkpoint when a worker it does not need died
 DEFERRED_STAGES = ("checkpoint save",)
 
@@ -157,13 +160,16 @@ class WorkerWatch:
 
     def named(self, err: BaseException) -> WorkerFault | None:
         """The named fault for an exception the trainer's main thread got: the one the watch recorded (its
-        interrupt arrives as ``KeyboardInterrupt`` or Ray's ``TaskCancelledError``), or, for a ``RayActorError``
-        that verl's ``ray.get`` raised first, the worker it names. None: not a worker fault."""
+        interrupt arrives as ``KeyboardInterrupt`` or Ray's ``TaskCancelledError``); for a ``RayActorError`` that
+        verl's ``ray.get`` raised first, the worker it names; for another error raised inside a worker (a rank whose
+        collective peer died: gloo's "Connection closed by peer"), a dead worker found by asking every worker now,
+        else None (not a worker fault: the error is raised as it is)."""
         if self.fault is not None:
             return self.fault
-        err = _actor_error(err)
-        if err is None:
-            return None
+        actor_err = _actor_error(err)
+        if actor_err is None:
+            return self._peer_died(err)
+        err = actor_err
         actor_id = getattr(err, "actor_id", None)
         worker = next((w for w in self.workers if actor_id and w.actor_id == actor_id), None)
         if worker is None:  # Ray did not say which actor: ask every worker, now
@@ -172,6 +178,18 @@ class WorkerWatch:
                 return self.fault
         role = worker.role if worker is not None else "a Ray worker of the run (not one the watch knows)"
         return self._died(role, str(err), _unreachable(err))
+
+    def _peer_died(self, err: BaseException) -> WorkerFault | None:
+        """A worker's task failed (``RayTaskError``) with every actor error aside: when a worker of the run is dead
+        or unreachable (its ping fails within ``PEER_WAIT_S``), that worker is the fault and ``err`` its echo. One
+        round of pings: with every worker alive it ends as soon as all have answered."""
+        if not isinstance(err, ray.exceptions.RayTaskError):
+            return None
+        self.check(wait_s=PEER_WAIT_S)
+        if not isinstance(self.fault, WorkerDiedError):
+            self.fault = None  # a stage limit passing meanwhile is not what ended this run
+            return None
+        return self.fault
 
     # -- the thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
