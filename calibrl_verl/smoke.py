@@ -71,16 +71,28 @@ def check(path: Path, steps: int, loss_mode: str, every_group_guided: bool = Tru
         if dump_dir is None:  # a sign flip or a wrong denominator would pass the line above
             results.append((False, "no step dump (calibrl.dump_dir) to recompute the expert-token loss from"))
         return results
+    prompts, samples = batch_shape(overrides)
     guide = [d.get("calibrl/guide_loss", float("nan")) for d in data]
     gate = [d.get("calibrl/gate_full_frac", float("nan")) for d in data]
     results += [
         (all(math.isfinite(g) for g in guide) and any(g != 0 for g in guide), f"guide loss finite, non-zero: {guide}"),
         (all(0.0 < g < 1.0 for g in gate), f"gate fraction inside (0, 1): {gate}"),
-        (all(d.get("calibrl/update_rows", 0) == launch.PROMPTS_PER_STEP * launch.N_ONPOLICY for d in data),
+        (all(d.get("calibrl/update_rows", 0) == prompts * samples for d in data),
          f"expert rows excluded from the update: {[d.get('calibrl/update_rows') for d in data]} rows "
-         f"(= {launch.PROMPTS_PER_STEP} prompts x {launch.N_ONPOLICY} samples)"),
+         f"(= {prompts} prompts x {samples} samples)"),
     ]
     return results
+
+
+def batch_shape(overrides: Sequence[str]) -> tuple[int, int]:
+    """Prompts per step and on-policy samples per prompt of a launch: ``calibrl_verl.launch``'s, or the overrides'
+    ``data.train_batch_size`` / ``calibrl.n_onpolicy`` (later ones win)."""
+    shape = {"data.train_batch_size": launch.PROMPTS_PER_STEP, "calibrl.n_onpolicy": launch.N_ONPOLICY}
+    for item in overrides:
+        key, sep, raw = item.lstrip("+~").partition("=")
+        if sep and key in shape:
+            shape[key] = int(raw)
+    return shape["data.train_batch_size"], shape["calibrl.n_onpolicy"]
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -417,6 +417,26 @@ def test_smoke_check_fails_a_sign_flipped_luffy_loss_from_the_dump(tmp_path: Pat
     assert check(OFFPOLICY_LOSS["luffy"]) != []  # no dump: no recomputation, no pass
 
 
+def test_smoke_check_counts_the_update_rows_of_the_launchs_batch(tmp_path: Path) -> None:
+    """The update trains on prompts x on-policy samples (expert rows excluded): 4 x 4 for calibrl_verl.launch's
+    batch, the overrides' when a user changes it (6 prompts x 3 samples = 18)."""
+    path = tmp_path / "metrics.jsonl"
+
+    def failed(rows: int, overrides: list[str]) -> list[str]:
+        step = {"training/global_step": 1, "actor/grad_norm": 1.0, "training/rollout_probs_diff_mean": 1e-4,
+                "calibrl/expert_groups_frac": 1.0,
+                "calibrl/expert_reward_mean": 1.0, "calibrl/guide_loss": 0.1, "calibrl/gate_full_frac": 0.5,
+                "calibrl/update_rows": rows}
+        path.write_text(json.dumps({"step": 1, "data": step}) + "\n")
+        return _failed(smoke.check(path, 1, "calibrl", overrides=overrides))
+
+    assert failed(16, []) == []
+    assert failed(18, ["data.train_batch_size=6", "calibrl.n_onpolicy=3"]) == []
+    wrong = failed(24, ["data.train_batch_size=6", "calibrl.n_onpolicy=3"])  # the expert rows counted too
+    assert len(wrong) == 1 and "(= 6 prompts x 3 samples)" in wrong[0], wrong
+    assert len(failed(18, [])) == 1
+
+
 def test_run_settings_come_from_the_launch_overrides() -> None:
     settings = dump_check.RunSettings.from_overrides([
         "calibrl.loss_mode=luffy", "calibrl.mix_policy=pass_rate", "calibrl.pass_rate_range=[0.0,0.25]",
