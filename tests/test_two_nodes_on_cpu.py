@@ -162,38 +162,6 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.mark.nodes
-def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_path_factory):
-    tag, nodes, _, _ = cluster
-    out = tmp_path_factory.mktemp("nodes")
-    t0 = time.time()
-    proc, metrics, log = _start(out, STEPS)
-    try:
-        code = proc.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        pytest.fail(f"no end within {RUN_TIMEOUT} s: {log.read_text()[-3000:]}")
-    wall = time.time() - t0
-    assert code == 0, log.read_text()[-4000:]
-    failed = [text for ok, text in smoke.check(metrics, STEPS, "calibrl") if not ok]
-    assert not failed, failed
-    actors = actor_nodes()
-    node_ids = {n["id"] for n in nodes}
-    workers = [a for a in actors if "WorkerDict" in a["cls"] or "ActorRollout" in a["cls"]]
-    servers = [a for a in actors if a["cls"] == "vLLMHttpServer"]
-    runners = [a for a in actors if "TaskRunner" in a["cls"]]
-    print(json.dumps({"wall_s": round(wall, 1), "nodes": nodes, "actors": actors}, indent=1))
-    assert {a["node"] for a in workers} == node_ids and len(workers) == 2, workers
-    assert {a["node"] for a in servers} == node_ids and len(servers) == 2, servers
-    # the training loop runs where the driver runs (main_calibrl.OnDriverNode), so losing node 1 leaves it alive
-    head = next(n["id"] for n in nodes if n["port"] == PORTS[0]["node-manager-port"])
-    assert [a["node"] for a in runners] == [head], runners
-
-
-LOST = re.compile(r"WorkerDiedError: the (?P<role>.+?) (?:died|became unreachable \(its process or its node is "
-                  r"gone\)) at step 2 \((?P<stage>[^)]+)\)\. The last complete checkpoint is (?P<ckpt>\S+);")
-
-
 def _wait_for_step_1(proc: subprocess.Popen, metrics: Path, log: Path) -> None:
     deadline = time.time() + RUN_TIMEOUT
     while not (metrics.exists() and metrics.read_text().strip()):  # step 1 logged (its checkpoint saved before)
@@ -213,6 +181,34 @@ def _end(proc: subprocess.Popen, log: Path, within_s: float, what: str) -> int:
 
 def _logged_steps(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.nodes
+def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_path_factory):
+    tag, nodes, _, _ = cluster
+    out = tmp_path_factory.mktemp("nodes")
+    t0 = time.time()
+    proc, metrics, log = _start(out, STEPS)
+    code = _end(proc, log, RUN_TIMEOUT, "the two-node run")
+    wall = time.time() - t0
+    assert code == 0, log.read_text()[-4000:]
+    failed = [text for ok, text in smoke.check(metrics, STEPS, "calibrl") if not ok]
+    assert not failed, failed
+    actors = actor_nodes()
+    node_ids = {n["id"] for n in nodes}
+    workers = [a for a in actors if "WorkerDict" in a["cls"] or "ActorRollout" in a["cls"]]
+    servers = [a for a in actors if a["cls"] == "vLLMHttpServer"]
+    runners = [a for a in actors if "TaskRunner" in a["cls"]]
+    print(json.dumps({"wall_s": round(wall, 1), "nodes": nodes, "actors": actors}, indent=1))
+    assert {a["node"] for a in workers} == node_ids and len(workers) == 2, workers
+    assert {a["node"] for a in servers} == node_ids and len(servers) == 2, servers
+    # the training loop runs where the driver runs (main_calibrl.OnDriverNode), so losing node 1 leaves it alive
+    head = next(n["id"] for n in nodes if n["port"] == PORTS[0]["node-manager-port"])
+    assert [a["node"] for a in runners] == [head], runners
+
+
+LOST = re.compile(r"WorkerDiedError: the (?P<role>.+?) (?:died|became unreachable \(its process or its node is "
+                  r"gone\)) at step 2 \((?P<stage>[^)]+)\)\. The last complete checkpoint is (?P<ckpt>\S+);")
 
 
 @pytest.mark.nodes
