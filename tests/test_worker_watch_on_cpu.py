@@ -176,7 +176,10 @@ def test_a_rank_whose_collective_peer_died_is_named_after_the_peer(cluster) -> N
     assert watch.named(alive.value) is None
     assert time.monotonic() - start < 5
 
-    os.kill(ray.get(peer.pid.remote()), signal.SIGKILL)
+    pid = ray.get(peer.pid.remote())
+    watch.check()  # a round of pings in flight, as the watch's thread leaves them, answered while the peer lives
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
     with pytest.raises(ray.exceptions.RayTaskError) as echo:
         ray.get(survivor.fail.remote("Connection closed by peer"))
     err = watch.named(echo.value)

@@ -185,6 +185,7 @@ class WorkerWatch:
         round of pings: with every worker alive it ends as soon as all have answered."""
         if not isinstance(err, ray.exceptions.RayTaskError):
             return None
+        self._pings.clear()  # pings sent before the failure may have been answered while the peer was alive
         self.check(wait_s=PEER_WAIT_S)
         if not isinstance(self.fault, WorkerDiedError):
             self.fault = None  # a stage limit passing meanwhile is not what ended this run
