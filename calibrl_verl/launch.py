@@ -10,6 +10,7 @@ verl's file logger into ``<run dir>/<name>.jsonl`` and its output into ``<name>.
   the CPU backend (``calibrl_verl.cpu``: vLLM's CPU build, gloo); ``"gpu"`` runs the same recipe on one GPU. Every
   process of a launch's Ray cluster carries a tag in its environment (``TAG_ENV``), by which ``tagged_pids`` finds
   them and ``kill_tagged`` kills them: a timed-out or pre-empted launch leaves no process behind.
+  ``launch_env`` is a launch's environment, with ``RAY_ENV``: Ray's GCS keeps only the last 1,000 task records.
 - ``run``: one whole run (build the assets if missing, launch, draw the curves with ``calibrl_verl.plots``).
 - ``read_steps``: a launch's logged training steps, from its metrics JSONL.
 
@@ -79,6 +80,18 @@ def recipe_overrides(assets: Path, run_dir: Path, steps: int, loss_mode: str, de
 
 
 TAG_ENV = "CALIBRL_LAUNCH_TAG"
+# Ray's GCS keeps a record of every task and actor call ("task events": what Ray's state API and dashboard list)
+# up to RAY_task_events_max_num_task_in_gcs, 100,000 by default, and, of the ones it evicted, their ids up to
+# RAY_task_events_max_dropped_task_attempts_tracked_per_job_in_gcs, 1,000,000 per job. The tiny recipe adds 78
+# records a step (the worker watch's pings are about 1.6 of them), about 3.9 KB each: the GCS grew +0.29 MB a step,
+# the steepest growth of the 200-step soak, and would level off only near 0.4 GB after some 1,300 steps
+# (docs/reliability.md, "Soak run"). Our launches keep the last 1,000 records (about the last 12 steps' calls stay
+# inspectable): the GCS levels off within the soak's warm-up. ``launch_env`` puts these under the caller's
+# environment, so an explicit value there wins. The GPU recipes keep Ray's defaults (docs/reliability.md).
+RAY_ENV = {
+    "RAY_task_events_max_num_task_in_gcs": "1000",
+    "RAY_task_events_max_dropped_task_attempts_tracked_per_job_in_gcs": "1000",
+}
 
 
 @dataclass
@@ -179,6 +192,18 @@ def process_titles(tag: str) -> dict[int, str]:
     return titles
 
 
+def launch_env(metrics: Path, tag: str, device: str) -> dict[str, str]:
+    """The environment of a launch's driver, which the Ray cluster it starts inherits (the GCS and raylet are
+    started by its ``ray.init``; the workers by the raylet): ``RAY_ENV`` under this process's environment, then the
+    metrics path, the launch's tag and, for ``device="cpu"``, the CPU backend's variables."""
+    env = {**RAY_ENV, **os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "PYTHONUNBUFFERED": "1", TAG_ENV: tag}
+    if device == "cpu":
+        from calibrl_verl.cpu import cpu_env
+
+        env.update(cpu_env())
+    return env
+
+
 def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics",
           recipe: Path | None = None) -> Launch:
     """Start ``python -m calibrl_verl.main_calibrl`` with ``overrides``, logging into ``run_dir``; ``recipe``: a
@@ -190,14 +215,13 @@ def start(run_dir: Path, overrides: list[str], device: str, name: str = "metrics
     metrics = run_dir / f"{name}.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{run_dir.name}-{name}-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "PYTHONUNBUFFERED": "1", TAG_ENV: tag}
+    env = launch_env(metrics, tag, device)
     cmd = [sys.executable, "-m", "calibrl_verl.main_calibrl"]
     if recipe is not None:
         cmd += ["--config-dir", str(recipe.parent.resolve()), "--config-name", recipe.stem]
     if device == "cpu":
-        from calibrl_verl.cpu import cpu_env, cpu_overrides
+        from calibrl_verl.cpu import cpu_overrides
 
-        env.update(cpu_env())
         # the CPU backend's placement keys go first, so ``overrides`` can still change any of them
         cmd += cpu_overrides()
     cmd += overrides

@@ -339,3 +339,44 @@ def test_supervise_returns_a_failure_as_text_and_stops_the_sampler(tmp_path: Pat
     error = slow.supervise(1)
     assert error is not None and error.startswith("TimeoutExpired")
     assert slow.proc.poll() is not None  # killed, not left running
+
+
+# -- Ray's task-event records, bounded in every launch ---------------------------------------------------------------
+_TASK_EVENTS_CHILD = """
+import json, sys, time
+import psutil, ray
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+@ray.remote
+class Echo:
+    def ping(self) -> int:
+        return 1
+echo = Echo.remote()
+ray.get([echo.ping.remote() for _ in range(int(sys.argv[1]))])
+time.sleep(3)  # each worker sends its task events to the GCS every second (RAY_task_events_report_interval_ms)
+stored = len(ray._private.state.state._get_all_task_events())  # what ray.timeline reads from the GCS
+gcs = next(p for p in psutil.Process().children(recursive=True) if p.name().startswith("gcs_server"))
+print(json.dumps({"stored": stored, "gcs_env": {k: gcs.environ().get(k) for k in sys.argv[2:]}}))
+ray.shutdown()
+"""
+
+
+def test_the_launch_env_bounds_the_task_events_the_gcs_keeps(tmp_path: Path, monkeypatch) -> None:
+    # A launch's driver starts the Ray cluster with ray.init: the GCS inherits the driver's environment, which
+    # launch_env builds. A bare cluster (no launch) with that environment gets more calls than the cap and keeps only
+    # the cap's number of task records (without it, Ray's default keeps 100,000: all of them).
+    for key in launch.RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    env = launch.launch_env(tmp_path / "metrics.jsonl", "task-events-test", "none")
+    cap = int(launch.RAY_ENV["RAY_task_events_max_num_task_in_gcs"])
+    assert cap <= 1000 and env["RAY_task_events_max_dropped_task_attempts_tracked_per_job_in_gcs"] == str(cap)
+    calls = cap + 200
+    out = subprocess.run([sys.executable, "-c", _TASK_EVENTS_CHILD, str(calls), *launch.RAY_ENV], env=env,
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["gcs_env"] == launch.RAY_ENV
+    assert record["stored"] == cap  # calls + the actor's creation + the driver's task > cap: the oldest evicted
+
+    # the caller's own value wins (a run that wants every record kept sets it)
+    monkeypatch.setenv("RAY_task_events_max_num_task_in_gcs", "-1")
+    assert launch.launch_env(tmp_path / "m.jsonl", "t", "none")["RAY_task_events_max_num_task_in_gcs"] == "-1"
