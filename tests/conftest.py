@@ -6,6 +6,10 @@ machine)."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 
 OPT_IN = {
@@ -27,3 +31,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, int], Path]]:
+    """``mount(folder, size_bytes)``: a real tmpfs of that size at ``folder`` (created), so writes past it fail with
+    the kernel's own ENOSPC (a second call resizes it, keeping its files); unmounted when the test ends. Skips where
+    mounting is not allowed (CI runs as root)."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: int) -> Path:
+        if folder in mounted:  # resize in place, files kept: a run measures a checkpoint, then the disk is shrunk
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):  # lazily: a process of a killed launch may still hold a file open
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model and data (``calibrl_verl.tiny``), built once for the launches of the fault tests."""
+    from calibrl_verl import launch
+
+    return launch.ensure_assets(tmp_path_factory.mktemp("tiny_assets") / "assets")
