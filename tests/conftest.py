@@ -1,8 +1,9 @@
 """Opt-in runs, left out of the default run to keep CI under 30 minutes and selected with ``-m <marker>`` (or any -m
 naming it): ``families`` (the smoke runs of the other model families, and the other opt-in launches: RL-PLUS, the
 shipped recipes one step each, verl's SFT trainer and merge), ``serve`` (vLLM's OpenAI server on the tiny model),
-``faults`` (workers killed mid-step, then resumed) and ``nodes`` (the tiny recipe on a two-node Ray cluster on this
-machine)."""
+``faults`` (workers killed mid-step, a run killed mid-save or out of disk, then resumed) and ``nodes`` (the tiny
+recipe on a two-node Ray cluster on this machine). Also the fixtures those launches share: ``tmpfs`` (a real small
+disk) and ``tiny_assets``."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ OPT_IN = {
                 "(bash scripts/test.sh -m families)",
     "nodes": "starts a two-node Ray cluster on this machine: select with -m nodes (bash scripts/test.sh -m nodes)",
     "serve": "starts vLLM's OpenAI server: select with -m serve (bash scripts/test.sh -m serve)",
-    "faults": "kills Ray workers of two tiny runs mid-step and resumes them (~8 min): select with -m faults "
-              "(bash scripts/test.sh -m faults)",
+    "faults": "kills Ray workers of tiny runs mid-step or mid-checkpoint-save, fills their disk, and resumes them "
+              "(~30 min): select with -m faults (bash scripts/test.sh -m faults)",
 }
 
 

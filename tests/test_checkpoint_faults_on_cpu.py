@@ -54,11 +54,13 @@ LOADED = ("actor/model_world_size_1_rank_0.pt", "actor/optim_world_size_1_rank_0
 FSDP_CONTENTS = ["model", "optimizer", "extra"]
 
 
-def _overrides(assets: Path, run_dir: Path, steps: int, keep: int = 1) -> list[str]:
-    """The tiny recipe, saving after every step and keeping ``keep`` checkpoints (the recipe keeps 1)."""
+def _overrides(assets: Path, run_dir: Path, steps: int, keep: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
+    """The tiny recipe, saving after every step and keeping ``keep`` checkpoints (the recipe keeps 1); ``extra``
+    replaces the recipe's value of each key it sets (Hydra refuses a key given twice)."""
     args = launch.recipe_overrides(assets, run_dir, steps, "calibrl", "cpu", save_freq=1)
-    return [a for a in args if not a.startswith("trainer.max_actor_ckpt_to_keep=")] + [
-        f"trainer.max_actor_ckpt_to_keep={keep}"]
+    mine = [f"trainer.max_actor_ckpt_to_keep={keep}", *extra]
+    keys = {a.split("=")[0] for a in mine}
+    return [a for a in args if a.split("=")[0] not in keys] + mine
 
 
 def _tracker(root: Path) -> str | None:
@@ -153,30 +155,38 @@ def _kill_at(job: launch.Launch, root: Path, point: Point, resumed: int) -> Foun
     return Found(point.name, saving, _files(root / f"global_step_{saving}"), tracker, _files(tracked))
 
 
-def _relaunch(assets: Path, run_dir: Path, name: str, keep: int, steps: int, killed: launch.Launch) -> launch.Launch:
-    """The same command again, logging into a copy of the killed launch's metrics (integration/tracking.py keeps the
-    steps up to the checkpoint it resumes, the resumed steps follow)."""
+def _relaunch(assets: Path, run_dir: Path, keep: int, steps: int, killed: launch.Launch,
+              extra: tuple[str, ...] = ()) -> launch.Launch:
+    """The same command again (plus ``extra``), logging into a copy of the previous launch's metrics
+    (integration/tracking.py keeps the steps up to the checkpoint it resumes, the resumed steps follow)."""
+    name = f"launch{int(killed.metrics.stem.removeprefix('launch')) + 1}"
     shutil.copyfile(killed.metrics, run_dir / f"{name}.jsonl")
-    return launch.start(run_dir, _overrides(assets, run_dir, steps, keep), "cpu", name=name)
+    return launch.start(run_dir, _overrides(assets, run_dir, steps, keep, extra), "cpu", name=name)
 
 
-def _assert_refused(job: launch.Launch, folder: Path) -> None:
+def _assert_refused(job: launch.Launch, folder: Path) -> Path | None:
+    """The launch stops with ``CheckpointError`` naming ``folder`` before loading anything; returns the checkpoint
+    the message offers to resume instead (None: it offers none)."""
     code = _finish(job)
     log = job.log_path.read_text()
     named = [line for line in log.splitlines() if "CheckpointError" in line and str(folder) in line]
     assert code != 0 and named, log[-4000:]
     assert "[calibrl] resuming from" not in log
-    # where the message offers a checkpoint to resume instead, that one has every file a resume loads
-    for offered in (part.split()[0] for part in named[0].split("trainer.resume_from_path=")[1:]):
-        assert set(LOADED) <= set(_files(Path(offered))), named[0]
     print(f"  -> refused: {named[0][-600:]}")
+    offered = [Path(part.split()[0]) for part in named[0].split("trainer.resume_from_path=")[1:]]
+    # the offered checkpoint has every file a resume loads
+    assert all(set(LOADED) <= set(_files(folder)) for folder in offered), named[0]
+    return offered[0] if offered else None
 
 
 def _assert_resumed(job: launch.Launch, folder: Path, killed_steps: list[int]) -> int:
     """The launch loads ``folder`` and logs the step after it, following the killed launch's steps up to the
     checkpoint (integration/tracking.py); returns the resumed step."""
     step = int(folder.name.removeprefix("global_step_"))
-    _wait_until(job, lambda: step + 1 in launch.logged_steps(job.metrics), f"step {step + 1} after the resume")
+    # the copy may already end with step + 1 (logged by the killed launch): wait for this launch's own write
+    copied = job.metrics.stat().st_mtime_ns
+    _wait_until(job, lambda: job.metrics.stat().st_mtime_ns != copied
+                and launch.logged_steps(job.metrics)[-1:] == [step + 1], f"step {step + 1} after the resume")
     assert f"[calibrl] resuming from {folder}" in job.log_path.read_text()
     assert launch.logged_steps(job.metrics) == [*(s for s in killed_steps if s <= step), step + 1]
     return step
@@ -185,7 +195,9 @@ def _assert_resumed(job: launch.Launch, folder: Path, killed_steps: list[int]) -
 def test_a_run_killed_at_each_point_of_a_checkpoint_save_resumes_from_a_complete_one_or_names_the_torn_one(
         tiny_assets: Path, tmp_path: Path) -> None:
     """A chain of launches of one run: each resumes the previous one's kill, then is killed at the next point, in
-    the save of its second step (a folder no earlier launch wrote). The last launch trains to the end."""
+    the save of its second step (a folder no earlier launch wrote). A refusal is followed as its message says
+    (``trainer.resume_from_path`` of the checkpoint it offers), so the chain reaches every point. The last launch
+    trains to the end."""
     run_dir, steps = tmp_path / "chain", 2 * len(POINTS) + 2
     root = run_dir / "checkpoints"
     job = launch.start(run_dir, _overrides(tiny_assets, run_dir, steps, POINTS[0].keep), "cpu", name="launch1")
@@ -193,19 +205,23 @@ def test_a_run_killed_at_each_point_of_a_checkpoint_save_resumes_from_a_complete
     for i, point in enumerate(POINTS):
         began = time.monotonic()
         found = _kill_at(job, root, point, resumed)
-        print(f"[{point.name}] killed {time.monotonic() - began:.0f} s into launch{i + 1}, saving step {found.saving}: "
-              f"global_step_{found.saving} holds {found.files}; tracker {found.tracker!r}, its folder holds "
-              f"{found.tracked_files}")
+        print(f"[{point.name}] killed {time.monotonic() - began:.0f} s into {job.metrics.stem}, saving step "
+              f"{found.saving}: global_step_{found.saving} holds {found.files}; tracker {found.tracker!r}, its "
+              f"folder holds {found.tracked_files}")
         killed_steps = launch.logged_steps(job.metrics)
         keep = POINTS[i + 1].keep if i + 1 < len(POINTS) else KEEP
-        job = _relaunch(tiny_assets, run_dir, f"launch{i + 2}", keep, steps, job)
-        began = time.monotonic()
+        job, began = _relaunch(tiny_assets, run_dir, keep, steps, job), time.monotonic()
         outcome, folder = found.expected(root)
         if outcome == "refuse":
-            _assert_refused(job, folder)
-            return  # the run cannot go on by itself: the error says how (a resume_from_path, or a fresh start)
+            offered = _assert_refused(job, folder)
+            if offered is None:
+                return  # nothing complete to go on from: a fresh start is the user's call
+            # what the message says to do, so the chain goes on to the next point
+            folder, extra = offered, ("trainer.resume_mode=resume_path", f"trainer.resume_from_path={offered}")
+            job, began = _relaunch(tiny_assets, run_dir, keep, steps, job, extra), time.monotonic()
         resumed = _assert_resumed(job, folder, killed_steps)
-        print(f"  -> resumed from {folder.name}, trained step {resumed + 1} ({time.monotonic() - began:.0f} s)")
+        print(f"  -> {job.metrics.stem} resumed from {folder.name}, trained step {resumed + 1} "
+              f"({time.monotonic() - began:.0f} s)")
     assert _finish(job) == 0, job.log_path.read_text()[-4000:]
     assert launch.logged_steps(job.metrics)[-(steps - resumed):] == list(range(resumed + 1, steps + 1))
     assert checkpoints.check_resume(root, FSDP_CONTENTS) == root / f"global_step_{steps}"
