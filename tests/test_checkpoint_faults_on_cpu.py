@@ -76,11 +76,11 @@ def _files(folder: Path) -> list[str]:
 def _wait_until(job: launch.Launch, done: Callable[[], bool], what: str, poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not done():
-        if job.proc.poll() is not None:
-            pytest.fail(f"the run ended before {what}: {job.log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            job.kill()
-            pytest.fail(f"no {what} within {TIMEOUT} s")
+        if job.proc.poll() is not None or time.monotonic() > deadline:
+            ended = job.proc.poll() is not None
+            job.kill()  # the driver, or what is left of its Ray cluster
+            pytest.fail(f"the run ended before {what}: {job.log_path.read_text()[-3000:]}" if ended
+                        else f"no {what} within {TIMEOUT} s")
         time.sleep(poll_s)
 
 
@@ -198,9 +198,18 @@ def test_a_run_killed_at_each_point_of_a_checkpoint_save_resumes_from_a_complete
     the save of its second step (a folder no earlier launch wrote). A refusal is followed as its message says
     (``trainer.resume_from_path`` of the checkpoint it offers), so the chain reaches every point. The last launch
     trains to the end."""
-    run_dir, steps = tmp_path / "chain", 2 * len(POINTS) + 2
-    root = run_dir / "checkpoints"
-    job = launch.start(run_dir, _overrides(tiny_assets, run_dir, steps, POINTS[0].keep), "cpu", name="launch1")
+    started: list[launch.Launch] = []
+    try:
+        _chain(tiny_assets, tmp_path / "chain", started)
+    finally:
+        for job in started:  # a failed assertion leaves the current launch running: no launch outlives the test
+            job.kill()
+
+
+def _chain(assets: Path, run_dir: Path, started: list[launch.Launch]) -> None:
+    steps, root = 2 * len(POINTS) + 2, run_dir / "checkpoints"
+    job = launch.start(run_dir, _overrides(assets, run_dir, steps, POINTS[0].keep), "cpu", name="launch1")
+    started.append(job)
     resumed = 0
     for i, point in enumerate(POINTS):
         began = time.monotonic()
@@ -210,7 +219,8 @@ def test_a_run_killed_at_each_point_of_a_checkpoint_save_resumes_from_a_complete
               f"folder holds {found.tracked_files}")
         killed_steps = launch.logged_steps(job.metrics)
         keep = POINTS[i + 1].keep if i + 1 < len(POINTS) else KEEP
-        job, began = _relaunch(tiny_assets, run_dir, keep, steps, job), time.monotonic()
+        job, began = _relaunch(assets, run_dir, keep, steps, job), time.monotonic()
+        started.append(job)
         outcome, folder = found.expected(root)
         if outcome == "refuse":
             offered = _assert_refused(job, folder)
@@ -218,7 +228,8 @@ def test_a_run_killed_at_each_point_of_a_checkpoint_save_resumes_from_a_complete
                 return  # nothing complete to go on from: a fresh start is the user's call
             # what the message says to do, so the chain goes on to the next point
             folder, extra = offered, ("trainer.resume_mode=resume_path", f"trainer.resume_from_path={offered}")
-            job, began = _relaunch(tiny_assets, run_dir, keep, steps, job, extra), time.monotonic()
+            job, began = _relaunch(assets, run_dir, keep, steps, job, extra), time.monotonic()
+            started.append(job)
         resumed = _assert_resumed(job, folder, killed_steps)
         print(f"  -> {job.metrics.stem} resumed from {folder.name}, trained step {resumed + 1} "
               f"({time.monotonic() - began:.0f} s)")
