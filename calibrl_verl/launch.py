@@ -12,7 +12,8 @@ verl's file logger into ``<run dir>/<name>.jsonl`` and its output into ``<name>.
   them and ``kill_tagged`` kills them: a timed-out or pre-empted launch leaves no process behind.
   ``launch_env`` is a launch's environment, with ``RAY_ENV``: Ray's GCS keeps only the last 1,000 task records.
 - ``run``: one whole run (build the assets if missing, launch, draw the curves with ``calibrl_verl.plots``).
-- ``read_steps``: a launch's logged training steps, from its metrics JSONL.
+- ``read_steps`` / ``logged_steps``: a launch's logged training steps (metrics / step numbers), from its metrics
+  JSONL.
 
 Used by the smoke CLI and checks (``calibrl_verl.smoke``: ``python -m calibrl_verl.smoke run`` is the CPU demo
 ``recipes/run_calibrl_tiny_cpu.sh`` and the GPU smoke ``recipes/gpu_smoke.sh``), the toy and coverage studies
@@ -266,6 +267,13 @@ def run(out: Path, steps: int, loss_mode: str, device: str, extra: list[str],
 
     plot([str(metrics), "--out", str(run_dir / "curves.png")])
     return metrics
+
+
+def logged_steps(path: Path) -> list[int]:
+    """The step numbers a launch's metrics JSONL holds, in file order ([] before its first line)."""
+    if not Path(path).exists():
+        return []
+    return [json.loads(line)["step"] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def read_steps(path: Path) -> list[dict]:

@@ -6,7 +6,8 @@ resume test (``test_smoke_tiny_on_cpu.py::test_killed_run_resumes_to_the_same_ne
 from __future__ import annotations
 
 import json
-import subprocess
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,7 +33,7 @@ def _save(root: Path, step: int, world_size: int = 1, skip: tuple[str, ...] = ()
              for r in range(world_size)]
     for name in [*names, "data.pt"]:
         if name not in skip:
-            (folder / name).write_bytes(b"x")
+            torch.save({"step": step}, folder / name)  # a whole torch archive, as verl's torch.save leaves
     if "actor/fsdp_config.json" not in skip:
         (folder / "actor" / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}))
     if track:
@@ -82,6 +83,23 @@ def test_an_empty_or_torn_tracker_is_named(tmp_path: Path) -> None:
         checkpoints.check_resume(tmp_path, CONTENTS)
 
 
+def test_a_torn_data_pt_is_not_a_complete_checkpoint(tmp_path: Path) -> None:
+    """max_actor_ckpt_to_keep=1, killed (or out of disk) while data.pt of step 2 is written: step 1's actor folder is
+    already deleted and step 2 has every file, data.pt cut short (verl writes it after the actor save). Before, step
+    2 was offered as the complete checkpoint to resume, and its data.pt would fail to load."""
+    shutil.rmtree(_save(tmp_path, 1) / "actor")
+    folder = _save(tmp_path, 2, track=False)
+    whole = (folder / "data.pt").read_bytes()
+    for cut in (1, len(whole) // 2, len(whole) - 1):  # wherever the write stopped
+        (folder / "data.pt").write_bytes(whole[:cut])
+        assert checkpoints.missing_files(folder, CONTENTS) == ["data.pt (torn: not a whole torch archive)"]
+        with pytest.raises(CheckpointError) as err:
+            checkpoints.check_resume(tmp_path, CONTENTS)
+        assert "No complete checkpoint is left" in str(err.value) and "resume_from_path" not in str(err.value)
+    (folder / "data.pt").write_bytes(whole)
+    assert checkpoints.complete_checkpoints(tmp_path, CONTENTS) == [folder]
+
+
 def test_an_unreadable_fsdp_config_is_reported_not_guessed(tmp_path: Path) -> None:
     folder = _save(tmp_path, 2, skip=("actor/fsdp_config.json",))
     assert checkpoints.missing_files(folder, CONTENTS) == [
@@ -110,15 +128,9 @@ def test_the_trainer_checks_the_folder_each_resume_mode_loads(tmp_path: Path) ->
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path):
+def full_disk(tmp_path: Path, tmpfs: Callable[[Path, int], Path]) -> Path:
     """A real 256 KiB tmpfs (CI runs as root), so writes fail with the kernel's own ENOSPC."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    return tmpfs(tmp_path / "small", 256 << 10)
 
 
 def test_a_dump_that_does_not_fit_leaves_nothing_and_names_step_and_path(full_disk: Path) -> None:

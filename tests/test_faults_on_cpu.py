@@ -10,7 +10,6 @@ launches per test, about 4 minutes each on 2 cores): ``bash scripts/test.sh -m f
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -33,19 +32,8 @@ END_WITHIN_S = 90
 FSDP_CONTENTS = ["model", "optimizer", "extra"]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    return launch.ensure_assets(tmp_path_factory.mktemp("faults") / "assets")
-
-
 def _overrides(assets: Path, run_dir: Path) -> list[str]:
     return launch.recipe_overrides(assets, run_dir, STEPS, "calibrl", "cpu", save_freq=1)
-
-
-def _logged_steps(path: Path) -> list[int]:
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def _kill(job: launch.Launch, pick: Callable[[dict[int, str]], list[int]], after_step_1: bool) -> float:
@@ -55,7 +43,7 @@ def _kill(job: launch.Launch, pick: Callable[[dict[int, str]], list[int]], after
     while time.monotonic() < deadline:
         if job.proc.poll() is not None:
             pytest.fail(f"the run ended before the kill: {job.log_path.read_text()[-3000:]}")
-        if not after_step_1 or 1 in _logged_steps(job.metrics):
+        if not after_step_1 or 1 in launch.logged_steps(job.metrics):
             pids = pick(launch.process_titles(job.tag))
             if pids:
                 for pid in pids:
@@ -93,39 +81,40 @@ def _fault_then_resume(assets: Path, run_dir: Path, pick: Callable[[dict[int, st
     # the checkpoint is intact: the tracker names step 1 and every file of it is there; step 2 never started saving
     assert checkpoints.check_resume(ckpt, FSDP_CONTENTS) == ckpt / "global_step_1"
     assert not (ckpt / "global_step_2").exists()
-    assert _logged_steps(job.metrics) == [1][:step - 1]
+    assert launch.logged_steps(job.metrics) == [1][:step - 1]
 
     # the same command resumes (trainer.resume_mode=auto) and trains the remaining steps, logging into a copy of the
     # killed launch's metrics (integration/tracking.py keeps the steps up to the checkpoint)
     shutil.copyfile(job.metrics, run_dir / "launch2.jsonl")
     resumed = launch.launch(run_dir, _overrides(assets, run_dir), "cpu", name="launch2", timeout=TIMEOUT)
     assert f"[calibrl] resuming from {ckpt / 'global_step_1'}" in resumed.with_suffix(".log").read_text()
-    assert _logged_steps(resumed) == [1, 2, 3, 4][:step - 1] + [2, 3, 4]
+    assert launch.logged_steps(resumed) == [1, 2, 3, 4][:step - 1] + [2, 3, 4]
     assert checkpoints.check_resume(ckpt, FSDP_CONTENTS) == ckpt / f"global_step_{STEPS}"
 
 
 def test_a_vllm_server_killed_during_generation_ends_the_run_naming_it_and_resume_trains_the_rest(
-        assets: Path, tmp_path: Path) -> None:
+        tiny_assets: Path, tmp_path: Path) -> None:
     """verl alone ends too, with Ray's ActorDiedError from its replicas' sleep call (the failed groups come back as
     the step's batch), naming neither step, stage nor checkpoint."""
     def vllm_server(titles: dict[int, str]) -> list[int]:
         return [pid for pid, title in titles.items() if title.startswith("ray::vLLMHttpServer")]
 
-    _fault_then_resume(assets, tmp_path / "vllm", vllm_server, "vllm rollout replica 0 (server 0)", ("generation",))
+    _fault_then_resume(tiny_assets, tmp_path / "vllm", vllm_server, "vllm rollout replica 0 (server 0)",
+                       ("generation",))
 
 
 def test_the_fsdp_actor_worker_killed_during_the_update_ends_the_run_naming_it_and_resume_trains_the_rest(
-        assets: Path, tmp_path: Path) -> None:
+        tiny_assets: Path, tmp_path: Path) -> None:
     """Ray titles the worker's process ``ray::WorkerDict.actor_rollout_ref_update_actor`` while it updates."""
     def updating_actor(titles: dict[int, str]) -> list[int]:
         return [pid for pid, title in titles.items() if title.startswith("ray::WorkerDict") and "update_actor" in title]
 
-    _fault_then_resume(assets, tmp_path / "fsdp", updating_actor, "FSDP actor worker (actor_rollout_ref rank 0)",
+    _fault_then_resume(tiny_assets, tmp_path / "fsdp", updating_actor, "FSDP actor worker (actor_rollout_ref rank 0)",
                        ("actor update",))
 
 
 def test_a_vllm_server_killed_before_the_weight_sync_ends_the_run_naming_it_and_resume_trains_the_rest(
-        assets: Path, tmp_path: Path) -> None:
+        tiny_assets: Path, tmp_path: Path) -> None:
     """Killed while step 1's checkpoint is saved, so the weight sync comes next: verl's FSDP worker pushes the weights
     to the dead server over ZMQ and verl's ``ray.get`` waits forever. The watch lets the save finish (a complete
     step-1 checkpoint), then ends the run."""
@@ -134,5 +123,5 @@ def test_a_vllm_server_killed_before_the_weight_sync_ends_the_run_naming_it_and_
             return []
         return [pid for pid, title in titles.items() if title.startswith("ray::vLLMHttpServer")]
 
-    _fault_then_resume(assets, tmp_path / "sync", vllm_server_while_saving, "vllm rollout replica 0 (server 0)",
+    _fault_then_resume(tiny_assets, tmp_path / "sync", vllm_server_while_saving, "vllm rollout replica 0 (server 0)",
                        ("after checkpoint save", "weight sync"), step=1)

@@ -6,17 +6,20 @@ verl's save (V1 ``trainer_base._save_checkpoint``) writes, in order: the actor's
 written last, so a run killed while saving still names the previous checkpoint, which verl resumes. Two cases
 escape that order, and verl's ``find_latest_ckpt_path`` does not catch them:
 
-1. With ``trainer.max_actor_ckpt_to_keep=1`` the actor save deletes the previous checkpoint as soon as the new
-   actor files are written (``CheckpointManager.register_checkpoint``), before ``data.pt`` and the tracker. Killed
-   there, the tracker names a deleted folder; verl prints "Checkpoint does not exist" and trains from step 0,
-   silently throwing the run away.
+1. With ``trainer.max_actor_ckpt_to_keep=1`` the actor save deletes the previous checkpoint's ``actor/`` folder as
+   soon as the new actor files are written (``CheckpointManager.register_checkpoint``), before ``data.pt`` and the
+   tracker. Killed there, the tracker names a folder without its actor; verl prints "Checkpoint does not exist" and
+   trains from step 0, silently throwing the run away.
 2. Killed between the tracker's open and write, the tracker is empty: verl stops with a bare ``ValueError``.
 
 ``check_resume`` runs before verl's own load and turns both, and a tracker naming a folder with missing files,
 into a ``CheckpointError`` that names the folder and what is missing, lists the complete checkpoints on disk, and
 gives the overrides that resume from one or start fresh. A kill during the first save (no tracker yet) is a fresh
-start, as in verl. ``save_error`` names a save that failed on a full disk (verl's error arrives from a Ray worker,
-several exceptions deep).
+start, as in verl. A ``.pt`` file counts only when it is a whole torch archive (see ``_torn``): with
+``max_actor_ckpt_to_keep=1`` a kill, or a full disk, while ``data.pt`` is written leaves the newer folder with every
+file present but ``data.pt`` cut short, and that folder must not be offered as the complete one to resume from.
+``save_error`` names a save that failed on a full disk (verl's error arrives from a Ray worker, several exceptions
+deep).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import errno
 import json
 import re
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +49,7 @@ def missing_files(folder: Path, save_contents: Sequence[str] | None) -> list[str
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder.name}/ (the folder itself)"]
-    missing = [] if (folder / "data.pt").is_file() else ["data.pt"]
+    missing = [gap] if (gap := _absent(folder, "data.pt")) else []
     if save_contents is None:
         return missing
     config = folder / "actor" / "fsdp_config.json"
@@ -59,9 +63,27 @@ def missing_files(folder: Path, save_contents: Sequence[str] | None) -> list[str
             continue
         for rank in range(world_size):
             name = f"actor/{prefix}_world_size_{world_size}_rank_{rank}.pt"
-            if not (folder / name).is_file():
-                missing.append(name)
+            if gap := _absent(folder, name):
+                missing.append(gap)
     return missing
+
+
+def _absent(folder: Path, name: str) -> str:
+    """``name`` as ``missing_files`` lists it when it is not a whole file, else an empty string."""
+    path = folder / name
+    if not path.is_file():
+        return name
+    return f"{name} (torn: not a whole torch archive)" if _torn(path) else ""
+
+
+def _torn(path: Path) -> bool:
+    """Whether a torch.save file was cut short. torch.save writes a zip archive whose end-of-central-directory
+    record comes last, so a write killed or stopped by a full disk part-way leaves a file without it (torch.save
+    truncates the file first: no stale record of an earlier save survives). Reads only the file's tail."""
+    try:
+        return not zipfile.is_zipfile(path)
+    except OSError:
+        return True
 
 
 def complete_checkpoints(root: Path, save_contents: Sequence[str] | None) -> list[Path]:
