@@ -180,10 +180,6 @@ def _end(proc: subprocess.Popen, log: Path, within_s: float, what: str) -> int:
         pytest.fail(f"{what}: still running after {within_s} s:\n{log.read_text()[-3000:]}")
 
 
-def _logged_steps(metrics: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
-
-
 @pytest.mark.nodes
 def test_two_nodes_train_with_one_actor_and_one_vllm_replica_each(cluster, tmp_path_factory):
     tag, nodes, _, _ = cluster
@@ -251,4 +247,4 @@ def test_a_lost_node_is_named_and_the_run_resumes_once_the_node_is_back(cluster,
     assert _end(proc, log, RUN_TIMEOUT, "the resumed run") == 0, log.read_text()[-4000:]
     text = (out / "calibrl" / "metrics.log").read_text()  # both launches' output, appended
     assert f"[calibrl] resuming from {ckpt / 'global_step_1'}" in text, text[-4000:]
-    assert _logged_steps(metrics) == [1, 2, 3, 4]
+    assert launch.logged_steps(metrics) == [1, 2, 3, 4]
